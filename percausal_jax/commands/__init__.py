@@ -1,0 +1,1 @@
+"""One module per ``percausal`` subcommand, each exposing ``register(subparsers)``."""

@@ -1,0 +1,43 @@
+"""``percausal generate``: greedy completion of a chat (or raw) prompt with a HF directory or the embedded model."""
+
+from __future__ import annotations
+
+from percausal_jax.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="greedy completion of one prompt")
+    p.add_argument("--model", default="embedded", help="HF model directory, hub id, or 'embedded' (SmolLM2-135M)")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --template none)")
+    p.add_argument("--template", choices=("chat", "none"), default="chat")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from transformers import AutoTokenizer
+
+    from percausal_jax.evaluation.generate import greedy_generate
+    from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
+    from percausal_jax.hf.gguf import resolve_model_arg
+
+    model_dir = resolve_model_dir(resolve_model_arg(args.model))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{model_dir}: no usable tokenizer files ({e})") from None
+    if args.template == "chat":
+        if not tokenizer.chat_template:
+            raise UserError(f"{model_dir}: the tokenizer has no chat template; use --template none")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    model = load_pretrained(model_dir, dtype=args.dtype)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    (completion,) = greedy_generate(model, [list(ids)], args.max_new_tokens, eos_ids=eos,
+                                    pad_id=tokenizer.pad_token_id or 0)
+    print(f"prompt: {args.prompt}")
+    print(f"completion: {tokenizer.decode(completion, skip_special_tokens=True).strip()}")
+    return 0

@@ -1,0 +1,24 @@
+"""One exception type for every mistake a user can make.
+
+Everything that reads user input (files, configs, CLI flags, model directories) raises :class:`UserError` with a
+message that names *where* (file, line, field) and *what was expected*. The CLI turns it into one line on stderr
+and exit code 2, without a traceback; library callers get an ordinary exception.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: the message is complete and is shown verbatim."""
+
+    exit_code = 2
+
+
+def where(path: object, line: int | None = None, field: str | None = None) -> str:
+    """Formats a location prefix: ``file.jsonl:12: field 'output'``."""
+    s = str(path)
+    if line is not None:
+        s += f":{line}"
+    if field is not None:
+        s += f": field '{field}'"
+    return s

@@ -1,0 +1,1 @@
+"""Hugging Face interop: safetensors checkpoints and the embedded GGUF model."""

@@ -1,0 +1,265 @@
+"""Hugging Face checkpoints ↔ :class:`CausalLM`: ``config.json`` + safetensors, HF names as the source of truth.
+
+The mapping is mechanical: an NNX path ``model/layers/3/self_attn/q_proj/kernel`` is the HF tensor
+``model.layers.3.self_attn.q_proj.weight`` transposed; ``embedding`` and norm ``weight`` keep their layout. With
+``scan_layers`` the layer index moves into a leading array axis (stacked on load, unstacked on export).
+
+Loading is tensor by tensor through ``safe_open(...).get_slice``: with a mesh each device reads only its own slice,
+so no host or device ever holds a full-size copy of a sharded parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from percausal_jax.errors import UserError
+from percausal_jax.models.config import ModelConfig
+from percausal_jax.models.decoder import CausalLM
+from percausal_jax.models.partitioning import DEFAULT_RULES, param_sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# Tensors some checkpoints carry that have no parameter here (recomputed buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def to_dtype(name: str | Any):
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"dtype '{name}' is not supported (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def hf_tensor_names(path: tuple, scanned: bool, num_layers: int) -> list[str]:
+    """HF tensor names stored in the NNX parameter at ``path`` (one per layer when scanned)."""
+    keys = [str(k) for k in path]
+    leaf = {"kernel": "weight", "embedding": "weight"}.get(keys[-1], keys[-1])
+    keys[-1] = leaf
+    if scanned and len(keys) > 1 and keys[0] == "model" and keys[1] == "layers":
+        return [".".join(keys[:2] + [str(i)] + keys[2:]) for i in range(num_layers)]
+    return [".".join(keys)]
+
+
+def _transposed(path: tuple) -> bool:
+    return str(path[-1]) == "kernel"
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A local directory, or a hub id (``org/name``) downloaded with huggingface_hub (safetensors + json only)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path)
+    if not p.exists() and s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
+        except Exception as e:  # noqa: BLE001 - any hub failure is a user-facing error here
+            raise UserError(f"{s}: not a local directory and the hub download failed: {e}") from None
+    raise UserError(f"{s}: model directory not found")
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path}: config.json not found (expected a Hugging Face model directory)")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return ModelConfig.from_hf(hf, where=str(cfg_path))
+
+
+def _weight_map(model_dir: Path) -> dict[str, Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / f for name, f in wm.items()}
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                    "(PyTorch .bin checkpoints are not read: they are pickles)")
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | Any = "float32", mesh: jax.sharding.Mesh | None = None,
+                    *, compute_dtype: str | Any | None = None, scan_layers: bool = False,
+                    remat_policy: str = "none", attention_impl: str = "xla",
+                    rules=DEFAULT_RULES) -> CausalLM:
+    """Reads a HF model directory (or hub id) into a :class:`CausalLM`.
+
+    ``dtype`` is the parameter dtype; ``compute_dtype`` (default: same) the activation dtype. With ``mesh``, every
+    parameter is created directly in its :func:`param_sharding`.
+    """
+    model_dir = resolve_model_dir(path)
+    cfg = read_config(model_dir)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        cfg = dataclasses.replace(cfg, generation_config=json.loads(gen_cfg.read_text()))
+    param_dtype = to_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: CausalLM(
+        cfg, dtype=to_dtype(compute_dtype or dtype), param_dtype=param_dtype, scan_layers=scan_layers,
+        remat_policy=remat_policy, attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    weight_map = _weight_map(model_dir)
+
+    flat = list(nnx.to_flat_state(abs_state))
+    wanted = {path: hf_tensor_names(path, scan_layers, cfg.num_hidden_layers) for path, _ in flat}
+    needed = {n for names in wanted.values() for n in names}
+    missing = sorted(needed - set(weight_map))
+    if missing:
+        raise UserError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}"
+                        + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    unexpected = sorted(n for n in set(weight_map) - needed
+                        if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if unexpected:
+        raise UserError(f"{model_dir}: unexpected tensor(s) {', '.join(unexpected[:5])} "
+                        f"for model_type '{cfg.model_type}'")
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(name: str):
+            f = weight_map[name]
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(f, framework="numpy"))
+            return handles[f]
+
+        new_flat = []
+        for path, var in flat:
+            names = wanted[path]
+            arr = _load_param(path, var, names, handle, mesh, scan_layers, param_dtype, rules)
+            new_flat.append((path, var.replace(arr)))
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _load_param(path, var, names, handle, mesh, scanned, param_dtype, rules) -> jax.Array:
+    shape, transposed = tuple(var.shape), _transposed(path)
+    stacked = len(names) > 1 or (scanned and str(path[1]) == "layers")
+    per_layer = shape[1:] if stacked else shape
+    expected_hf = tuple(reversed(per_layer)) if transposed else per_layer
+    for n in names:
+        got = tuple(handle(n).get_slice(n).get_shape())
+        if got != expected_hf:
+            raise UserError(f"tensor {n}: shape {list(got)} in the checkpoint, expected {list(expected_hf)} "
+                            "from config.json")
+
+    def read(name: str, idx: tuple) -> np.ndarray:
+        hf_idx = tuple(reversed(idx)) if transposed else idx
+        x = np.asarray(handle(name).get_slice(name)[hf_idx] if hf_idx else handle(name).get_tensor(name))
+        return (x.T if transposed else x).astype(param_dtype)
+
+    def fetch(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if stacked:
+            return np.stack([read(names[i], index[1:]) for i in range(len(names))[index[0]]])
+        return read(names[0], index)
+
+    if mesh is None:
+        return jnp.asarray(fetch(()))
+    sharding = param_sharding(path, shape, mesh, scanned, rules)
+    return jax.make_array_from_callback(shape, sharding, fetch)
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def hf_state_dict(model: CausalLM, dtype: str | Any | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(hf_name, array)`` in HF layout, one tensor at a time (gathered to host)."""
+    cfg = model.config
+    target = to_dtype(dtype) if dtype is not None else None
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = hf_tensor_names(path, model.scan_layers, cfg.num_hidden_layers)
+        value = np.asarray(jax.device_get(var[...]))
+        if target is not None:
+            value = value.astype(target)
+        parts = list(value) if len(names) > 1 else [value]
+        for name, part in zip(names, parts):
+            yield name, np.ascontiguousarray(part.T if _transposed(path) else part)
+
+
+def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any = None,
+                    dtype: str | Any | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes ``config.json``, ``generation_config.json``, safetensors (sharded + index above ``max_shard_bytes``)
+    and tokenizer files into ``out_dir``, atomically: everything goes to a temporary sibling directory first.
+
+    ``tokenizer``: a transformers tokenizer (``save_pretrained``) or a directory whose tokenizer files are copied.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size, total = 0, 0
+        dtype_name = None
+        for name, arr in hf_state_dict(model, dtype):
+            dtype_name = dtype_name or str(arr.dtype)
+            if shards[-1] and size + arr.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = arr
+            size += arr.nbytes
+            total += arr.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        cfg = model.config
+        hf = cfg.to_hf()
+        hf["dtype"] = dtype_name
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        gen = {**{k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+               **cfg.generation_config}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+        _write_tokenizer(tokenizer, tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, os.PathLike)):
+        src = Path(tokenizer)
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy2(src / f, dest / f)
+    else:
+        tokenizer.save_pretrained(str(dest))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Moves ``tmp`` to ``out``; an existing ``out`` is swapped out first and removed only after the move."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,162 @@
+"""The decoder: ``CausalLM.model`` (embed → layers → norm) and the LM head, one module for every family.
+
+Two layer layouts, chosen by ``scan_layers``:
+- loop: ``model.layers`` is an ``nnx.List`` of :class:`DecoderLayer` (``model.layers[i].self_attn.q_proj``);
+- scan: ``model.layers`` is one :class:`DecoderLayer` whose parameters carry a leading layer axis, applied with
+  ``jax.lax.scan`` (one compiled layer body, constant compile time in depth).
+Per-layer differences (Gemma2/3 sliding vs global attention, Gemma3's local RoPE base) are data, not structure: a
+boolean per layer selects the mask and the RoPE table, so both layouts hold identical parameters.
+
+The head is separate from the trunk on purpose: objectives gather response positions from
+:meth:`CausalLM.hidden_states` and apply :meth:`CausalLM.logits` (or a vocabulary-chunked log-softmax) only there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from percausal_jax.models.config import ModelConfig, rope_inv_freq
+from percausal_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, rope_cos_sin
+
+# name -> jax.checkpoint policy (None: no rematerialization). Names tagged in layers.py with checkpoint_name.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "minimal": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_out", "mlp_hidden"),
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)  # noqa: E731
+        self.sandwich_norm = cfg.sandwich_norm
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, dtype, param_dtype, attention_impl, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(cfg, dtype, param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, segment_ids, sliding) -> jax.Array:
+        """x [B, L, D] → [B, L, D]."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, segment_ids, sliding)
+        if self.sandwich_norm:  # Gemma2/3: norm the branch output, and a separate pre-FFN norm
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nnx.Module):
+    """HF's ``model.*`` subtree: ``embed_tokens``, ``layers``, ``norm``."""
+
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, scan_layers: bool, remat_policy: str,
+                 attention_impl: str, *, rngs: nnx.Rngs):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        make = lambda r: DecoderLayer(cfg, dtype, param_dtype, attention_impl, rngs=r)  # noqa: E731
+        if scan_layers:
+            self.layers = nnx.vmap(make, in_axes=0, out_axes=0)(rngs.split(cfg.num_hidden_layers))
+        else:
+            self.layers = nnx.List([make(rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """input_ids, positions, segment_ids int[B, L] → final-normed hidden states [B, L, D] (compute dtype)."""
+        cfg = self.cfg
+        x = self.embed_tokens(input_ids)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=x.dtype)
+        # RoPE tables are compile-time constants of the config (float32, as HF computes them).
+        cos_g, sin_g = rope_cos_sin(positions, np.float32(rope_inv_freq(cfg.rope, cfg.head_dim)))
+        cos_l, sin_l = rope_cos_sin(positions, np.float32(rope_inv_freq(cfg.rope_local or cfg.rope, cfg.head_dim)))
+        full_mask = attention_mask(segment_ids, positions, False, None)
+        window_mask = attention_mask(segment_ids, positions, True, cfg.sliding_window)
+        flags = cfg.sliding_layers
+        uniform = all(f == flags[0] for f in flags)
+
+        def layer_fn(layer_state, graphdef, x, sliding):
+            layer = nnx.merge(graphdef, layer_state)
+            cos = jnp.where(sliding, cos_l, cos_g)
+            sin = jnp.where(sliding, sin_l, sin_g)
+            mask = jnp.where(sliding, window_mask, full_mask)
+            return layer(x, cos, sin, mask, segment_ids, flags[0] if uniform else sliding)
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=policy, static_argnums=(1,))
+
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(h, xs):
+                layer_state, sliding = xs
+                return layer_fn(layer_state, graphdef, h, sliding), None
+
+            x, _ = jax.lax.scan(body, x, (state, jnp.asarray(flags)))
+        else:
+            for layer, sliding in zip(self.layers, flags):
+                graphdef, state = nnx.split(layer)
+                x = layer_fn(state, graphdef, x, sliding)
+        return self.norm(x)
+
+
+class CausalLM(nnx.Module):
+    """A decoder-only LM whose parameter tree is the HF state dict (renamed, kernels transposed)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
+                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.model = DecoderModel(cfg, dtype, param_dtype, scan_layers, remat_policy, attention_impl, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
+                                      param_dtype=param_dtype, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    @property
+    def scan_layers(self) -> bool:
+        return self.model.scan_layers
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """int[B, L] → hidden [B, L, D]. Defaults: positions 0..L-1, one segment (no padding)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
+        return self.model(input_ids, positions, segment_ids)
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as ``[D, V]`` (the tied embedding transposed, or ``lm_head.kernel``)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] → float32 logits [..., V] (with Gemma2's final soft-capping)."""
+        w = self.head_weight().astype(self.model.dtype)
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(self.model.dtype), w,
+                            preferred_element_type=jnp.float32)
+        return softcap(logits, self.config.final_logit_softcap)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """int[B, L] → float32 logits [B, L, V]."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+
+def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    return logits if cap is None else jnp.tanh(logits / cap) * cap

@@ -1,0 +1,164 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention (xla | cudnn | splash) and the gated MLP.
+
+Attribute names mirror Hugging Face (``q_proj``, ``gate_proj``, ``input_layernorm`` ...), and every kernel is HF's
+``weight`` transposed, so import/export is rename + transpose. Shapes use jaxtyping-style notes:
+``B`` batch, ``L`` sequence, ``D`` hidden, ``H`` query heads, ``K`` key/value heads, ``Dh`` head dim, ``F`` MLP width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from percausal_jax.models.config import ModelConfig
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) · w in float32; Gemma stores ``w - 1`` (``plus_one``) and multiplies before casting back."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool, param_dtype, *, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.plus_one = plus_one
+        init = jnp.zeros if plus_one else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype=param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...].astype(jnp.float32)
+        if self.plus_one:  # Gemma: (x·(1+w)).to(dtype)
+            return (normed * (1.0 + w)).astype(x.dtype)
+        return normed.astype(x.dtype) * w.astype(x.dtype)  # Llama: x.to(dtype)·w
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions int[B, L], inv_freq f32[Dh/2] → cos, sin f32[B, L, Dh] (HF's rotate-half layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, L, N, Dh]; cos/sin [B, L, Dh]. Computed in x's dtype after casting cos/sin, as HF does."""
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(segment_ids: jax.Array, positions: jax.Array, sliding: jax.Array | bool,
+                   window: int | None) -> jax.Array:
+    """bool[B, 1, L, L]: query i sees key j iff j ≤ i, same non-zero segment, and (sliding) pos_i − pos_j < window.
+
+    Causality is by index, so left padding and packed rows both work; segment 0 is padding and is seen by nobody.
+    """
+    L = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((L, L), dtype=bool))[None]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    mask = causal & same
+    if window is not None:
+        in_window = (positions[:, :, None] - positions[:, None, :]) < window
+        mask = mask & (in_window | ~jnp.asarray(sliding))
+    return mask[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, attention_impl: str, *, rngs: nnx.Rngs):
+        if attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention_impl!r}")
+        self.cfg = cfg
+        self.attention_impl = attention_impl
+        H, K, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                   kernel_init=nnx.initializers.normal(0.02))
+        self.q_proj = linear(D, H * Dh, use_bias=cfg.attention_bias)
+        self.k_proj = linear(D, K * Dh, use_bias=cfg.attention_bias)
+        self.v_proj = linear(D, K * Dh, use_bias=cfg.attention_bias)
+        self.o_proj = linear(H * Dh, D, use_bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 segment_ids: jax.Array, sliding: jax.Array | bool) -> jax.Array:
+        """x [B, L, D] → [B, L, D]."""
+        cfg = self.cfg
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(B, L, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(B, L, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        if self.attention_impl == "xla":
+            out = _xla_attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcap)
+        elif self.attention_impl == "cudnn":
+            if cfg.attn_logit_softcap is not None:
+                raise ValueError("cudnn attention does not support attention logit soft-capping (Gemma2): use 'xla'")
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.attn_scale, implementation="cudnn")
+        else:
+            out = _splash_attention(q, k, v, segment_ids, cfg, sliding)
+        out = checkpoint_name(out.reshape(B, L, -1), "attention_out")
+        return self.o_proj(out)
+
+
+def _xla_attention(q, k, v, mask, scale: float, softcap: float | None) -> jax.Array:
+    """Grouped-query attention without repeating K/V: q [B, L, H, Dh], k/v [B, S, K, Dh] → [B, L, H, Dh]."""
+    B, L, H, Dh = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, L, K, H // K, Dh)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)  # mask [B, 1, L, S] → [B, 1, 1, L, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, L, H, Dh).astype(q.dtype)
+
+
+def _splash_attention(q, k, v, segment_ids, cfg: ModelConfig, sliding) -> jax.Array:
+    """Pallas splash attention on TPU (flag ``attention_impl='splash'``); causal, segment-aware, per-layer window."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if cfg.attn_logit_softcap is not None or cfg.sliding_window is not None and not isinstance(sliding, bool):
+        raise ValueError("splash attention needs a static window per layer and no soft-capping: use scan_layers=False")
+    B, L, H, Dh = q.shape
+    if sliding and cfg.sliding_window is not None:
+        base = sm.LocalMask((L, L), window_size=(cfg.sliding_window - 1, 0), offset=0)
+    else:
+        base = sm.CausalMask((L, L))
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * H), head_shards=1, q_seq_shards=1)
+    rep = H // k.shape[2]
+    qh = jnp.swapaxes(q * jnp.asarray(cfg.attn_scale, q.dtype), 1, 2)  # [B, H, L, Dh]
+    kh = jnp.repeat(jnp.swapaxes(k, 1, 2), rep, axis=1)
+    vh = jnp.repeat(jnp.swapaxes(v, 1, 2), rep, axis=1)
+    seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
+    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
+    return jnp.swapaxes(out, 1, 2)
+
+
+class MLP(nnx.Module):
+    """down(act(gate(x)) · up(x)); act = SiLU (Llama/Qwen/Mistral) or tanh-GELU (Gemma)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+        linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                   kernel_init=nnx.initializers.normal(0.02))
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = jax.nn.silu if cfg.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = checkpoint_name(self.act(self.gate_proj(x)) * self.up_proj(x), "mlp_hidden")
+        return self.down_proj(h)

@@ -1,0 +1,97 @@
+"""Logical axes of every parameter and the small rule table that maps them onto mesh axes ``(data, fsdp, tensor)``.
+
+Parameters are named by their HF leaf (``q_proj.kernel`` ...), so the table below is the whole story: no per-module
+annotations to keep in sync. A mesh axis is used only when it divides the dimension (else that dimension is
+replicated), and never twice in one spec.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (module, leaf) -> logical axes of OUR layout (kernels are [in, out]).
+PARAM_LOGICAL_AXES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("q_proj", "kernel"): ("embed", "heads"),
+    ("k_proj", "kernel"): ("embed", "kv_heads"),
+    ("v_proj", "kernel"): ("embed", "kv_heads"),
+    ("o_proj", "kernel"): ("heads", "embed"),
+    ("q_proj", "bias"): ("heads",),
+    ("k_proj", "bias"): ("kv_heads",),
+    ("v_proj", "bias"): ("kv_heads",),
+    ("gate_proj", "kernel"): ("embed", "mlp"),
+    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    # LoRA adapters (``lora_a`` [in, r], ``lora_b`` [r, out]) follow their base kernel's input / output axes.
+}
+
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+    "norm": (),
+    "rank": (),
+}
+
+
+def logical_axes(path: Sequence, ndim: int, scanned: bool) -> tuple[str, ...]:
+    """Logical axes of the parameter at ``path`` (a flat NNX state path) with ``ndim`` dimensions."""
+    keys = [str(k) for k in path]
+    axes = PARAM_LOGICAL_AXES.get((keys[-2], keys[-1]) if len(keys) >= 2 else ("", keys[-1]))
+    if axes is None:
+        axes = ("norm",) * (ndim - (1 if scanned and "layers" in keys else 0))
+    if scanned and "layers" in keys:
+        axes = ("layers",) + axes
+    if len(axes) != ndim:
+        axes = (axes + ("norm",) * ndim)[:ndim]
+    return axes
+
+
+def spec_for(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+             rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> PartitionSpec:
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        chosen = []
+        size = 1
+        for mesh_axis in rules.get(name, ()):
+            n = mesh.shape.get(mesh_axis, 1)
+            if mesh_axis in used or n == 1 or dim % (size * n):
+                continue
+            chosen.append(mesh_axis)
+            size *= n
+        used.update(chosen)
+        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*out)
+
+
+def param_sharding(path: Sequence, shape: Sequence[int], mesh: Mesh, scanned: bool,
+                   rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(logical_axes(path, len(shape), scanned), shape, mesh, rules))
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """Mesh over ``(data, fsdp, tensor)``; one size may be -1 (fills the remaining devices). Auto axis types."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    fixed = 1
+    for s in sizes:
+        fixed *= s if s != -1 else 1
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if sizes[0] * sizes[1] * sizes[2] != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {sizes[0]*sizes[1]*sizes[2]} devices, "
+                         f"have {len(devices)}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)

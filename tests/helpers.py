@@ -1,0 +1,40 @@
+"""Factories for tiny random transformers models with non-trivial weights (shared by the tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def tiny_hf_model(model_type: str, out_dir: Path | None = None, seed: int = 0, **overrides):
+    """Builds ``AutoModelForCausalLM.from_config`` with every parameter perturbed (so norms, biases and the q/k
+    norms are not at their trivial init), optionally saves it, and returns the torch model in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**TINY, **overrides}
+    if model_type.startswith("gemma"):
+        kw.setdefault("head_dim", 16)
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir))
+    return model
+
+
+def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.tensor(attention_mask)
+        return model(torch.tensor(ids), **kwargs).logits.float().numpy()
