@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "convert-gguf": "percausal_jax.hf.gguf",
     "generate": "percausal_jax.commands.generate",
     "synth": "percausal_jax.data.synthetic",
+    "score": "percausal_jax.commands.score",
 }
 
 

@@ -38,3 +38,26 @@ def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = Non
         if attention_mask is not None:
             kwargs["attention_mask"] = torch.tensor(attention_mask)
         return model(torch.tensor(ids), **kwargs).logits.float().numpy()
+
+
+def tiny_tokenizer(out_dir: Path | None = None, vocab_size: int = 200):
+    """A byte-level BPE tokenizer trained offline on a few sentences (ids < vocab_size), with BOS/EOS/PAD and a
+    ChatML chat template; saved to ``out_dir`` when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The toaster works well and heats evenly.", "Stay zesty, friends!", "Write a review of the lamp.",
+              "User profile: loves glimmerous gadgets and long walks.", "A warm light for reading at night."] * 4
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast

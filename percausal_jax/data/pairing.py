@@ -1,0 +1,144 @@
+"""The pairing contract: one example → two aligned token sequences (with and without the profile).
+
+This module is the one place the contract lives:
+
+1. The response is tokenized **once** (its text, then EOS appended) and the *same ids* follow both prompts, so BPE
+   merges never cross the prompt/response boundary and token i of the response is the same id in both passes.
+2. Each pass's input is ``prompt_ids + response_ids`` without its last token (nothing predicts past EOS).
+3. Response token t is predicted by the hidden state at row ``len(prompt) - 1 + t`` of that pass; these rows are
+   the index arrays ``index_personal`` / ``index_counterfactual``. The prompts have different lengths, so the two
+   index arrays differ; the ids and weights are shared.
+4. Padding is explicit: ``segment_ids == 0`` (never in-band token ids) for sequences, ``weight == 0.0`` for
+   response slots. Weights are float32 (never integer masks). ``seq_weight = weight / (number of response tokens
+   of the sequence)``, so ``sum(seq_weight)`` counts sequences (per-sequence normalization).
+5. Packing places several examples in one row with segment ids 1, 2, ... and positions restarting at 0; the index
+   arrays then point into the packed row, so objectives never see the difference.
+
+::
+
+    PairedBatch
+      personal:        tokens, positions, segment_ids     int32[B, Lp]
+      counterfactual:  tokens, positions, segment_ids     int32[B, Lc]
+      response:        ids int32[B, R], weight f32[B, R], seq_weight f32[B, R],
+                       index_personal int32[B, R], index_counterfactual int32[B, R]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedExample:
+    """One example's ids: two prompts and the shared response (EOS already appended)."""
+
+    prompt_ids: tuple[int, ...]
+    prompt_no_profile_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.prompt_ids or not self.prompt_no_profile_ids:
+            raise ValueError("both prompts need at least one token (the first response token is predicted from it)")
+        if not self.response_ids:
+            raise ValueError("empty response")
+
+    @property
+    def personal_len(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids) - 1
+
+    @property
+    def counterfactual_len(self) -> int:
+        return len(self.prompt_no_profile_ids) + len(self.response_ids) - 1
+
+
+def pair_example(tokenizer, prompt: str, prompt_no_profile: str, response: str, *,
+                 add_special_tokens: bool = True) -> PairedExample:
+    """Tokenizes the two prompts and the response once (+EOS). Prompts get the tokenizer's BOS only if it adds one
+    (``add_special_tokens``); the response never gets special tokens besides the EOS appended here."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id")
+    p = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    c = tokenizer(prompt_no_profile, add_special_tokens=add_special_tokens)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return PairedExample(tuple(p), tuple(c), tuple(r))
+
+
+@dataclasses.dataclass
+class Sequences:
+    tokens: np.ndarray  # int32[B, L]
+    positions: np.ndarray  # int32[B, L]
+    segment_ids: np.ndarray  # int32[B, L]
+
+
+@dataclasses.dataclass
+class Response:
+    ids: np.ndarray  # int32[B, R]
+    weight: np.ndarray  # float32[B, R]
+    seq_weight: np.ndarray  # float32[B, R]
+    index_personal: np.ndarray  # int32[B, R]
+    index_counterfactual: np.ndarray  # int32[B, R]
+
+
+@dataclasses.dataclass
+class PairedBatch:
+    personal: Sequences
+    counterfactual: Sequences
+    response: Response
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response.weight.sum())
+
+
+def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterfactual_len: int,
+            response_len: int) -> PairedBatch:
+    """Packs each row's examples (one example per row without packing) into fixed-shape arrays.
+
+    ``rows[b]`` is the list of examples placed in row b, in order, as segments 1, 2, .... Raises ValueError if a row
+    does not fit the given lengths (the pipeline chooses lengths that fit).
+    """
+    B = len(rows)
+    P = _empty(B, personal_len)
+    C = _empty(B, counterfactual_len)
+    ids = np.zeros((B, response_len), np.int32)
+    weight = np.zeros((B, response_len), np.float32)
+    seq_weight = np.zeros((B, response_len), np.float32)
+    idx_p = np.zeros((B, response_len), np.int32)
+    idx_c = np.zeros((B, response_len), np.int32)
+    for b, examples in enumerate(rows):
+        off_p = off_c = off_r = 0
+        for seg, ex in enumerate(examples, start=1):
+            n = len(ex.response_ids)
+            if (off_p + ex.personal_len > personal_len or off_c + ex.counterfactual_len > counterfactual_len
+                    or off_r + n > response_len):
+                raise ValueError(f"row {b} does not fit lengths ({personal_len}, {counterfactual_len}, {response_len})")
+            _place(P, b, off_p, ex.prompt_ids, ex.response_ids, seg)
+            _place(C, b, off_c, ex.prompt_no_profile_ids, ex.response_ids, seg)
+            sl = slice(off_r, off_r + n)
+            ids[b, sl] = ex.response_ids
+            weight[b, sl] = 1.0
+            seq_weight[b, sl] = 1.0 / n
+            idx_p[b, sl] = off_p + len(ex.prompt_ids) - 1 + np.arange(n)
+            idx_c[b, sl] = off_c + len(ex.prompt_no_profile_ids) - 1 + np.arange(n)
+            off_p += ex.personal_len
+            off_c += ex.counterfactual_len
+            off_r += n
+    return PairedBatch(P, C, Response(ids, weight, seq_weight, idx_p, idx_c))
+
+
+def _empty(B: int, L: int) -> Sequences:
+    return Sequences(np.zeros((B, L), np.int32), np.zeros((B, L), np.int32), np.zeros((B, L), np.int32))
+
+
+def _place(s: Sequences, b: int, offset: int, prompt: Sequence[int], response: Sequence[int], seg: int) -> None:
+    seq = list(prompt) + list(response[:-1])
+    sl = slice(offset, offset + len(seq))
+    s.tokens[b, sl] = seq
+    s.positions[b, sl] = np.arange(len(seq))
+    s.segment_ids[b, sl] = seg
