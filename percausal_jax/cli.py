@@ -16,7 +16,10 @@ SUBCOMMANDS = {
     "convert-gguf": "percausal_jax.hf.gguf",
     "generate": "percausal_jax.commands.generate",
     "synth": "percausal_jax.data.synthetic",
+    "prepare": "percausal_jax.commands.prepare",
     "score": "percausal_jax.commands.score",
+    "train": "percausal_jax.commands.train",
+    "export": "percausal_jax.commands.export",
 }
 
 
@@ -29,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False) or any(not e.startswith("--config.") for e in extra):
+        build_parser().parse_args(argv)  # reports the unknown arguments the standard way
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except UserError as e:

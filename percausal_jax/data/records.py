@@ -81,7 +81,7 @@ def read_records(path: str | os.PathLike, *, require_output: bool = True) -> lis
     records: list[dict] = []
     first_kind: Kind | None = None
     seen_ids: dict[str, int] = {}
-    for line, row in _rows(path):
+    for line, row in iter_rows(path):
         kind = detect_kind(row, path, line)
         if first_kind is None:
             first_kind = kind
@@ -119,7 +119,7 @@ def detect_kind(record: dict, path: str | os.PathLike = "<record>", line: int | 
                     "or TRL {prompt, completion}")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict]]:
+def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """Yields ``(line, row)`` with 1-based line numbers (parquet: row numbers); blank JSONL lines are skipped."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; expected a .jsonl or .parquet file of records")

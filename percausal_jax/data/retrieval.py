@@ -20,6 +20,7 @@ k larger than the profile is clamped. Document and query texts come from the rec
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from percausal_jax.errors import UserError
 Method = Literal["bm25", "recency", "random", "contriever"]
 METHODS: tuple[Method, ...] = ("bm25", "recency", "random", "contriever")
 _TIME_FIELDS = ("date", "timestamp", "year")
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s logs every index build at DEBUG
 
 
 def top_k(record: dict, k: int, method: Method, *, seed: int = 0,

@@ -120,12 +120,17 @@ def lossce(x: Passes, t: Targets, cfg) -> Result:
     excess = sg(nll + x.ref_p.logp)
     flat_ex = jnp.where(weight > 0, excess, -jnp.inf).reshape(-1)
     n_tok = jnp.sum(weight)
-    k = jnp.ceil(cfg.keep_frac * n_tok)
+    k = keep_count(cfg.keep_frac, n_tok)
     rank = jnp.argsort(jnp.argsort(-flat_ex)).reshape(weight.shape)  # 0 = largest excess loss
     selected = (rank < k) * weight
     return Result(_vec(jnp.sum(selected * nll)), _vec(jnp.sum(selected)), {
         "tokens": n_tok, "nll_sum": jnp.sum(weight * nll), "excess_sum": jnp.sum(weight * excess),
         "selected_count": jnp.sum(selected)})
+
+
+def keep_count(frac: float, n: jax.Array) -> jax.Array:
+    """ceil(frac · n) without float32 artefacts (0.6 · 25 = 15.0000006 in float32 must give 15, not 16)."""
+    return jnp.ceil(jnp.round(frac * n * 1e3) / 1e3)
 
 
 def entce(x: Passes, t: Targets, cfg) -> Result:
@@ -156,3 +161,15 @@ def default_config() -> ml_collections.ConfigDict:
         "lossce": {"keep_frac": 0.6},
         "entce": {"max_weight": 5.0, "per_sequence": False},
     })
+
+
+def data_normalizer(name: str, cfg, t: Targets) -> jax.Array | None:
+    """Normalizers known from the data alone (``t`` leaves may carry a leading micro-batch axis [k, b, R]), so
+    gradient accumulation can divide every micro-batch by the global value in one pass. ``None`` when a term's
+    normalizer depends on the parameters (NextQuill's Σω): the step then sums it in a forward-only pre-pass."""
+    if name in ("ce", "perce", "entce"):
+        return _vec(jnp.sum(t.seq_weight if cfg.get("per_sequence", False) else t.weight))
+    if name == "lossce":
+        per_mb = jnp.sum(t.weight, axis=(-2, -1)) if t.weight.ndim == 3 else jnp.sum(t.weight)
+        return _vec(jnp.sum(keep_count(cfg.keep_frac, per_mb)))
+    return None

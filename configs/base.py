@@ -1,0 +1,78 @@
+"""Base training config: every key with its default. Other configs start from this one and override.
+
+    percausal train --config configs/tiny.py --workdir runs/x --config.optimizer.lr=1e-4
+"""
+
+import ml_collections
+
+from percausal_jax.objectives import default_config as objective_defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "embedded"  # HF dir, hub id, or "embedded" (SmolLM2-135M-Instruct)
+    c.model.dtype = "float32"  # parameter dtype (frozen LoRA base may be bfloat16)
+    c.model.compute_dtype = "float32"  # activation dtype; log-softmax is always float32
+    c.model.scan_layers = True
+    c.model.remat_policy = "none"  # none | full | dots | save_qkv_proj | minimal
+    c.model.attention_impl = "xla"  # xla | cudnn | splash
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # JSONL / parquet / ArrayRecord of canonical or prompt records
+    c.data.eval = ""
+    c.data.shuffle = True
+    c.data.template = "chat"  # chat | none
+    c.data.counterfactual_mode = "drop"  # drop | placeholder
+    c.data.retriever = "bm25"  # bm25 | recency | random | contriever
+    c.data.retriever_path = ""  # contriever encoder dir
+    c.data.k = 4
+    c.data.max_prompt_len = 1024
+    c.data.max_response_len = 512
+    c.data.truncate_response = False
+    c.data.budget_mode = "drop"  # drop | truncate (profile items)
+    c.data.packing = False
+    c.data.bucket_multiple = 64
+
+    c.objective = objective_defaults()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.global_batch_size = 8
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 1
+    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set)
+    c.train.eval_batches = 4
+    c.train.nan_policy = "skip"  # skip | fail
+    c.train.peak_tflops = 0.0  # per device, for the MFU estimate (0 = not reported)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | sgd | adafactor
+    c.optimizer.lr = 2e-5
+    c.optimizer.schedule = "cosine"  # constant | linear | cosine
+    c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_ratio = 0.03
+    c.optimizer.min_lr_ratio = 0.0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1.0  # 0 = off
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.0
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 3
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1 fills the remaining devices
+    c.mesh.tensor = 1
+    return c

@@ -1,0 +1,23 @@
+"""``percausal train --config FILE --workdir DIR [--config.a.b=v ...]``: train (or resume) one run."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train with a token-level objective (resumes from DIR if present)")
+    p.add_argument("--config", required=True, help="Python config file with get_config() (see configs/)")
+    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args) -> int:
+    from percausal_jax.config import load_config
+    from percausal_jax.training.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    last = train(cfg, args.workdir, progress=not args.no_progress)
+    if last:
+        print(f"step {last['step']}: loss {last['loss']:.4f}" +
+              (f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+    return 0

@@ -1,0 +1,281 @@
+"""One record → one :class:`~percausal_jax.data.pairing.PairedExample` (or a counted drop).
+
+Per record kind (:mod:`percausal_jax.data.records`):
+
+* **canonical**: retrieve ``k`` profile items (:func:`retrieval.top_k`), build both prompts
+  (:func:`prompts.build_pair`), render them (:func:`chat.render`), and when ``max_prompt_len`` is set fit the
+  personal prompt into that many tokens (:func:`retrieval.fit_to_budget`, items dropped or their text truncated
+  per ``budget_mode``).
+* **prompt** ``{id, prompt, prompt_no_profile, completion}``: no retrieval. If the record has a ``template`` field
+  (``"chat"`` | ``"none"``, written by ``percausal prepare``) its prompts are final text rendered with that template
+  and are used as they are, whatever ``FeaturizeConfig.template`` says; otherwise both prompts are user messages
+  rendered with ``FeaturizeConfig.template``.
+* **trl** ``{prompt, completion}``: there is no profile-free prompt, so **the counterfactual prompt is the prompt
+  itself**: both passes see the same tokens, every causal (personal − counterfactual) difference is exactly zero and
+  only plain fine-tuning terms learn from such data. Conversational prompts (lists of ``{role, content}``) need
+  ``template="chat"``; the conversational completion must be one assistant message.
+
+Tokenization follows :func:`pairing.pair_example`: the completion is tokenized once without special tokens and EOS
+is appended; prompts get the tokenizer's BOS (``add_special_tokens=True``) only with template ``"none"``, since a
+chat-rendered prompt already holds its special tokens.
+
+Examples that cannot be used are *dropped and counted*, not errors: ``prompt_too_long`` (a prompt exceeds
+``max_prompt_len`` even with zero profile items; the counterfactual prompt is checked too) and
+``response_too_long`` (more than ``max_response_len`` ids including EOS, unless ``truncate_response``: then the first
+``max_response_len`` ids are kept *without* EOS, so the model is never taught to stop mid-text). Malformed input
+still raises :class:`~percausal_jax.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+from percausal_jax.data.chat import TEMPLATES, Template, render
+from percausal_jax.data.pairing import PairedExample
+from percausal_jax.data.prompts import MODES, Mode, Prompt, build_pair, get_task
+from percausal_jax.data.records import detect_kind
+from percausal_jax.data.retrieval import METHODS, Contriever, Method, PromptTooLong, fit_to_budget, top_k
+from percausal_jax.errors import UserError
+
+BudgetMode = Literal["drop", "truncate"]
+DROP_REASONS = ("prompt_too_long", "response_too_long")
+LENGTH_KEYS = ("prompt", "prompt_no_profile", "response")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturizeConfig:
+    """Every knob that turns records into token ids (validated once, here).
+
+    ``max_prompt_len`` / ``max_response_len`` are token counts (prompt incl. special tokens; response incl. EOS);
+    None = unlimited. ``seed`` only seeds the ``random`` retriever.
+    """
+
+    template: Template = "none"
+    counterfactual_mode: Mode = "drop"
+    retriever: Method = "bm25"
+    k: int = 4
+    seed: int = 0
+    max_prompt_len: int | None = None
+    max_response_len: int | None = None
+    budget_mode: BudgetMode = "drop"
+    truncate_response: bool = False
+    enable_thinking: bool = False
+
+    def __post_init__(self):
+        for name, value, allowed in (("template", self.template, TEMPLATES),
+                                     ("counterfactual_mode", self.counterfactual_mode, MODES),
+                                     ("retriever", self.retriever, METHODS),
+                                     ("budget_mode", self.budget_mode, ("drop", "truncate"))):
+            if value not in allowed:
+                raise UserError(f"featurize setting {name}={value!r}: expected one of {list(allowed)}")
+        if self.k < 0:
+            raise UserError(f"featurize setting k={self.k}: expected an integer >= 0")
+        for name in ("max_prompt_len", "max_response_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"featurize setting {name}={value}: expected an integer >= 1 or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    """The exact texts of one example, before tokenization."""
+
+    prompt: str
+    prompt_no_profile: str
+    completion: str
+    template: Template  # how the prompts were rendered; "chat" text already holds its special tokens
+    items_used: int  # profile items in the personal prompt (0 for prompt and TRL records)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kept:
+    example: PairedExample
+    items_used: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+    reason: str  # one of DROP_REASONS
+
+
+class Featurizer:
+    """``featurizer(record) -> Kept | Dropped``; ``texts(record)`` gives the texts only, ``run(record)`` both.
+
+    Stateless after construction, so one instance may serve several threads. ``tokenizer`` may be None for
+    ``texts`` with template ``"none"`` and no ``max_prompt_len``. ``contriever`` is required for that retriever.
+    """
+
+    def __init__(self, tokenizer: Any, cfg: FeaturizeConfig, *, contriever: Contriever | None = None):
+        if cfg.retriever == "contriever" and contriever is None:
+            raise UserError("retriever 'contriever' needs an encoder: pass a Contriever (a local "
+                            "facebook/contriever-style model directory)")
+        if tokenizer is None and (cfg.template == "chat" or cfg.max_prompt_len is not None):
+            raise UserError("a tokenizer is needed for template 'chat' and for a max_prompt_len token budget")
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.contriever = contriever
+
+    def texts(self, record: dict) -> Texts:
+        """Retrieval, prompt building, rendering and prompt budget; raises PromptTooLong if nothing fits."""
+        return self._texts(record, self._encoder())
+
+    def __call__(self, record: dict) -> Kept | Dropped:
+        return self.run(record)[1]
+
+    def run(self, record: dict) -> tuple[Texts | None, Kept | Dropped]:
+        """The texts (None if no prompt fits the budget) and the tokenized result."""
+        tok = self.tokenizer
+        if tok is None or tok.eos_token_id is None:
+            raise UserError("featurizing needs a tokenizer with an eos_token_id")
+        encode = self._encoder()
+        try:
+            texts = self._texts(record, encode)
+        except PromptTooLong:
+            return None, Dropped("prompt_too_long")
+        return texts, self._tokenize(record, texts, encode)
+
+    def _tokenize(self, record: dict, texts: Texts, encode: Callable[[str, bool], list[int]]) -> Kept | Dropped:
+        tok = self.tokenizer
+        add_special = texts.template == "none"
+        prompt = encode(texts.prompt, add_special)
+        prompt_no_profile = encode(texts.prompt_no_profile, add_special)
+        limit = self.cfg.max_prompt_len
+        if limit is not None and max(len(prompt), len(prompt_no_profile)) > limit:
+            return Dropped("prompt_too_long")
+        response = encode(texts.completion, False) + [tok.eos_token_id]
+        limit = self.cfg.max_response_len
+        if limit is not None and len(response) > limit:
+            if not self.cfg.truncate_response:
+                return Dropped("response_too_long")
+            response = response[:limit]
+        if not prompt or not prompt_no_profile:
+            raise UserError(f"record {_name(record)}: a prompt tokenizes to zero tokens, but the first response "
+                            "token must be predicted from at least one; use template 'chat' or a tokenizer that "
+                            "adds a BOS token")
+        return Kept(PairedExample(tuple(prompt), tuple(prompt_no_profile), tuple(response)), texts.items_used)
+
+    # ------------------------------------------------------------------------------------------------- internals
+
+    def _encoder(self) -> Callable[[str, bool], list[int]]:
+        """A per-call memoized ``encode(text, add_special_tokens)`` (budget fitting re-measures the same texts)."""
+        cache: dict[tuple[str, bool], list[int]] = {}
+
+        def encode(text: str, add_special: bool) -> list[int]:
+            key = (text, add_special)
+            if key not in cache:
+                cache[key] = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+            return cache[key]
+
+        return encode
+
+    def _texts(self, record: dict, encode: Callable[[str, bool], list[int]]) -> Texts:
+        kind = detect_kind(record)
+        if kind == "canonical":
+            return self._canonical(record, encode)
+        if kind == "prompt":
+            template = record.get("template")
+            if template is None:
+                return Texts(self._render(record["prompt"]), self._render(record["prompt_no_profile"]),
+                             record["completion"], self.cfg.template, 0)
+            if template not in TEMPLATES:
+                raise UserError(f"record {_name(record)}: field 'template': expected one of {list(TEMPLATES)} "
+                                f"(how the prompts were rendered), got {template!r}")
+            return Texts(record["prompt"], record["prompt_no_profile"], record["completion"], template, 0)
+        prompt = self._trl_prompt(record)
+        return Texts(prompt, prompt, self._trl_completion(record), self.cfg.template, 0)
+
+    def _canonical(self, record: dict, encode: Callable[[str, bool], list[int]]) -> Texts:
+        cfg = self.cfg
+        if "output" not in record:
+            raise UserError(f"record {_name(record)}: field 'output': missing; featurizing needs the target text")
+        items = top_k(record, cfg.k, cfg.retriever, seed=cfg.seed, contriever=self.contriever)
+        counterfactual = self._render(build_pair(record, [], cfg.counterfactual_mode).counterfactual)
+
+        def personal(kept: list[dict]) -> str:
+            return self._render(build_pair(record, kept, cfg.counterfactual_mode).personal)
+
+        if cfg.max_prompt_len is None:
+            prompt, kept = personal(items), items
+        else:
+            add_special = cfg.template == "none"
+            prompt, kept = fit_to_budget(personal, items, lambda text: len(encode(text, add_special)),
+                                         cfg.max_prompt_len, cfg.budget_mode, get_task(record).text_field)
+        return Texts(prompt, counterfactual, record["output"], cfg.template, len(kept))
+
+    def _render(self, prompt: Prompt | str) -> str:
+        if isinstance(prompt, str):
+            prompt = Prompt(None, prompt)
+        return render(self.tokenizer, prompt, self.cfg.template, self.cfg.enable_thinking)
+
+    def _trl_prompt(self, record: dict) -> str:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            return self._render(prompt)
+        if self.cfg.template != "chat":
+            raise UserError(f"record {_name(record)}: field 'prompt': a conversational prompt (list of messages) "
+                            "needs template 'chat'")
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=self.cfg.enable_thinking)
+
+    @staticmethod
+    def _trl_completion(record: dict) -> str:
+        completion = record["completion"]
+        if isinstance(completion, str):
+            return completion
+        if len(completion) != 1 or completion[0].get("role") != "assistant":
+            raise UserError(f"record {_name(record)}: field 'completion': expected exactly one assistant message, "
+                            f"got roles {[m.get('role') for m in completion]}")
+        return completion[0]["content"]
+
+
+def _name(record: dict) -> str:
+    """How errors name a record: its id, or the start of its prompt (TRL rows have no id)."""
+    if "id" in record:
+        return repr(record["id"])
+    return f"with prompt {str(record.get('prompt'))[:40]!r}"
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass
+class FeaturizeStats:
+    """Running counts over featurized examples; JSON round-trips through :meth:`to_json` / :meth:`from_json`.
+
+    Lengths are token counts of the prompt, the profile-free prompt and the response (with EOS).
+    """
+
+    kept: int = 0
+    dropped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    items_used: dict[int, int] = dataclasses.field(default_factory=dict)  # items in the prompt -> examples
+    length_sum: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(LENGTH_KEYS, 0))
+    length_max: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(LENGTH_KEYS, 0))
+
+    def add(self, result: Kept | Dropped) -> None:
+        if isinstance(result, Dropped):
+            self.dropped[result.reason] += 1
+            return
+        ex = result.example
+        self.kept += 1
+        self.items_used[result.items_used] = self.items_used.get(result.items_used, 0) + 1
+        for key, ids in zip(LENGTH_KEYS, (ex.prompt_ids, ex.prompt_no_profile_ids, ex.response_ids)):
+            self.length_sum[key] += len(ids)
+            self.length_max[key] = max(self.length_max[key], len(ids))
+
+    def summary(self) -> dict:
+        """Plain numbers for logging: kept, dropped by reason, mean/max lengths, items-used histogram and mean."""
+        n = max(self.kept, 1)
+        return {"kept": self.kept, "dropped": dict(self.dropped), "dropped_total": sum(self.dropped.values()),
+                "mean_len": {k: v / n for k, v in self.length_sum.items()}, "max_len": dict(self.length_max),
+                "items_used": dict(sorted(self.items_used.items())),
+                "mean_items_used": sum(k * v for k, v in self.items_used.items()) / n}
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "items_used": {str(k): v for k, v in self.items_used.items()}}
+
+    @classmethod
+    def from_json(cls, state: dict) -> FeaturizeStats:
+        return cls(state["kept"], dict(state["dropped"]), {int(k): v for k, v in state["items_used"].items()},
+                   dict(state["length_sum"]), dict(state["length_max"]))

@@ -1,0 +1,82 @@
+"""Orbax checkpoints of a run: the train state, the Grain iterator state, and a JSON item with the config and the
+parameter layout. Async saves, keep-N, restore onto any mesh from an abstract target, fallback to an older step when
+the newest cannot be read, and a clear error when the layout does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from percausal_jax.errors import UserError
+
+ITEMS = ("state", "iter", "meta")
+# Keys of the meta item that must match between the checkpoint and the run restoring it.
+LAYOUT_KEYS = ("model_type", "num_params", "scan_layers", "param_dtype", "lora_rank", "objective", "optimizer")
+log = logging.getLogger(__name__)
+
+
+def manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(workdir).resolve() / "checkpoints", item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict, force: bool = False) -> bool:
+    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if iterator is not None:
+        args["iter"] = grain.checkpoint.CheckpointSave(iterator)
+    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, state, iterator, meta: dict, step: int | None = None):
+    """Restores the newest readable step (or ``step``) into the shapes/shardings of ``state`` and into
+    ``iterator``; returns ``(state, step)`` or ``(None, None)`` when there is no checkpoint."""
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+        return None, None
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    errors = []
+    for s in steps:
+        try:
+            saved_meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
+            errors.append(f"step {s}: {type(e).__name__}: {e}")
+            log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, e)
+            continue
+        check_layout(saved_meta, meta, mngr.directory / str(s))
+        args = {"state": ocp.args.StandardRestore(abstract)}
+        if iterator is not None:
+            args["iter"] = grain.checkpoint.CheckpointRestore(iterator)
+        try:
+            restored = mngr.restore(s, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"step {s}: {type(e).__name__}: {e}")
+            log.warning("checkpoint step %s could not be restored (%s); trying an older one", s, e)
+            continue
+        return restored.state, s
+    raise UserError(f"{mngr.directory}: no readable checkpoint ({'; '.join(errors)[:500]})")
+
+
+def check_layout(saved: dict, current: dict, where: Path) -> None:
+    diffs = [f"{k}: checkpoint has {saved.get('layout', {}).get(k)!r}, this run has {current['layout'].get(k)!r}"
+             for k in LAYOUT_KEYS if saved.get("layout", {}).get(k) != current["layout"].get(k)]
+    if diffs:
+        raise UserError(f"{where}: the checkpoint does not match this run's layout ({'; '.join(diffs)})")
+
+
+def read_meta(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
+    mngr = manager(workdir, async_save=False)
+    s = step if step is not None else mngr.latest_step()
+    if s is None:
+        raise UserError(f"{workdir}: no checkpoint found")
+    if s not in mngr.all_steps():
+        raise UserError(f"{workdir}: no checkpoint at step {s} (have {sorted(mngr.all_steps())})")
+    meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return json.loads(json.dumps(meta)), s
