@@ -13,8 +13,9 @@ from percausal_jax.errors import UserError
 
 
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Imports ``path`` (a Python file with ``get_config()``) and applies ``a.b=value`` overrides (typed like the
-    existing value; unknown keys are an error)."""
+    """Imports ``path`` (a Python file with ``get_config()``; ``file.py:arg`` calls ``get_config("arg")``) and
+    applies ``a.b=value`` overrides (typed like the existing value; unknown keys are an error)."""
+    path, _, arg = str(path).partition(":")
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: config file not found")
@@ -28,7 +29,10 @@ def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         sys.path.remove(root)
     if not hasattr(module, "get_config"):
         raise UserError(f"{path}: no get_config() function")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}:{arg}: {e}") from None
     for item in overrides:
         apply_override(cfg, item, source=path)
     return cfg

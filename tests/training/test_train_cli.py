@@ -115,3 +115,24 @@ def test_all_examples_dropped_is_a_clear_error(setup, tmp_path, capsys):
     model_dir, data = setup
     rc = cli.main(_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.data.max_response_len=2"]))
     assert rc == 2 and "every example was dropped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arg", [f"{t},{m}" for t in ("abstract", "review", "topic")
+                                 for m in ("qwen3-4b", "qwen3-14b", "llama3-8b")])
+def test_paper_configs_carry_the_spec_values(arg):
+    c = load_config(f"configs/perce_longlamp.py:{arg}")
+    assert c.objective.name == "perce" and (c.objective.perce.clip_min, c.objective.perce.clip_max) == (0.8, 5.0)
+    assert c.data.retriever == "contriever" and c.data.k == 4
+    assert c.data.max_prompt_len + c.data.max_response_len == 5000
+    assert c.optimizer.name == "adamw" and c.optimizer.lr in (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)
+    assert c.train.steps == -(-3 * 2000 // c.train.global_batch_size)  # 3 epochs of 2,000 examples
+
+
+def test_nextquill_config_carries_the_code_values():
+    c = load_config("configs/nextquill_amazon.py")
+    nq = c.objective.nextquill
+    assert (c.objective.name, nq.delta, nq.high, nq.low, nq.alpha) == ("nextquill", 0.05, 0.9, 0.1, 0.1)
+    assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.warmup_ratio) == (5e-6, 0.025, 0.01)
+    assert c.data.counterfactual_mode == "placeholder" and c.data.retriever == "recency" and c.data.k == 8
+    with pytest.raises(UserError, match="expected TASK,MODEL"):
+        load_config("configs/perce_longlamp.py:email,qwen3-4b")
