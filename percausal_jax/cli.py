@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "score": "percausal_jax.commands.score",
     "train": "percausal_jax.commands.train",
     "export": "percausal_jax.commands.export",
+    "aot": "percausal_jax.commands.aot",
 }
 
 

@@ -8,10 +8,17 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="Python config file with get_config() (see configs/)")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port "
+                                                       "(or JAX_COORDINATOR_ADDRESS; TPU pods are detected)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=run, accepts_overrides=True)
 
 
 def run(args) -> int:
+    from percausal_jax.training.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before anything touches a device
     from percausal_jax.config import load_config
     from percausal_jax.training.loop import train
 

@@ -142,3 +142,26 @@ def _place(s: Sequences, b: int, offset: int, prompt: Sequence[int], response: S
     s.tokens[b, sl] = seq
     s.positions[b, sl] = np.arange(len(seq))
     s.segment_ids[b, sl] = seg
+
+
+def pad_batch(batch: PairedBatch, personal_len: int, counterfactual_len: int, response_len: int) -> PairedBatch:
+    """Pads every array on the right with padding (segment 0, weight 0) to the given lengths — used to give all
+    processes of a multi-host run the same shapes (each picks its own bucket)."""
+    def seq(s: Sequences, L: int) -> Sequences:
+        w = ((0, 0), (0, L - s.tokens.shape[1]))
+        return Sequences(np.pad(s.tokens, w), np.pad(s.positions, w), np.pad(s.segment_ids, w))
+
+    r = batch.response
+    w = ((0, 0), (0, response_len - r.ids.shape[1]))
+    return PairedBatch(seq(batch.personal, personal_len), seq(batch.counterfactual, counterfactual_len),
+                       Response(*(np.pad(x, w) for x in (r.ids, r.weight, r.seq_weight, r.index_personal,
+                                                          r.index_counterfactual))))
+
+
+def empty_batch(rows: int) -> PairedBatch:
+    """An all-padding batch (contributes nothing to any sum): a process whose shard ran out feeds these."""
+    return collate([[] for _ in range(rows)], 1, 1, 1)
+
+
+def shape_of(batch: PairedBatch) -> tuple[int, int, int]:
+    return batch.personal.tokens.shape[1], batch.counterfactual.tokens.shape[1], batch.response.ids.shape[1]

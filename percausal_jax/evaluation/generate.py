@@ -1,12 +1,19 @@
-"""Greedy decoding by full recomputation (no KV cache): the simple reference decoder.
+"""Decoding: :func:`generate` (KV cache, one compiled program, greedy or sampled) and :func:`greedy_generate`, the
+simple full-recomputation reference.
 
-Prompts of different lengths are left-padded into one ``[B, P + N]`` buffer; padding gets segment id 0 and positions
-restart at each row's first real token, so every row computes exactly what it would compute alone. Each step runs
-the model over the whole buffer (one compiled shape) and writes the argmax at column ``P + t``.
+Both left-pad prompts of different lengths into one ``[B, P + N]`` buffer (:func:`left_pad`): padding gets segment
+id 0 and positions restart at each row's first real token, so every row computes exactly what it would compute alone.
+
+:func:`generate` runs inside one ``nnx.jit``: the cache (:mod:`percausal_jax.models.kv_cache`) is filled by a single
+prefill of the ``[B, P]`` prompts, the first token is picked from the last prompt column, and a ``jax.lax.while_loop``
+then feeds one token per step at buffer slot ``P + t - 1`` and picks token ``t``, until every row has emitted an EOS
+or ``N`` tokens exist. Rows that are done emit ``pad_id``. Token choice follows Hugging Face's logits processors, in
+HF's order: repetition penalty, then (sampling only) temperature, top-k, top-p.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -30,6 +37,100 @@ def left_pad(prompts: Sequence[Sequence[int]], total_len: int, pad_id: int = 0):
     return tokens, seg, positions, P
 
 
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             eos_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """Continues each prompt by up to ``max_new_tokens`` tokens with a KV cache; a row stops after any of ``eos_ids``
+    (the EOS is included). ``temperature`` 0 is greedy; otherwise tokens are sampled with ``jax.random.key(seed)``
+    after top-k (0: off) and top-p (1: off) filtering. ``repetition_penalty`` applies to every token of the row's
+    prompt and continuation (HF: logit / penalty if logit > 0 else logit · penalty).
+
+    Recompiles per prompt length, batch size, ``max_new_tokens``, ``top_k``, greedy vs sampling, ``eos_ids`` and
+    ``pad_id``; ``temperature``, ``top_p``, ``repetition_penalty`` and ``seed`` are traced.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise ValueError(f"invalid sampling settings: temperature={temperature} (≥ 0), top_p={top_p} (in (0, 1]), "
+                         f"top_k={top_k} (≥ 0), repetition_penalty={repetition_penalty} (> 0)")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    P = max(len(p) for p in prompts)
+    tokens, seg, positions, _ = left_pad(prompts, P + max_new_tokens, pad_id)
+    new, lengths = _generate(model, tokens, seg, positions, jax.random.key(seed), jnp.float32(temperature),
+                             jnp.float32(top_p), jnp.float32(repetition_penalty), prompt_len=P,
+                             top_k=int(top_k), greedy=temperature == 0, eos_ids=tuple(int(e) for e in eos_ids),
+                             pad_id=int(pad_id))
+    new, lengths = np.asarray(new), np.asarray(lengths)
+    return [row[:n].tolist() for row, n in zip(new, lengths)]
+
+
+def process_logits(logits: jax.Array, seen: jax.Array, *, temperature: jax.Array | float, top_k: int,
+                   top_p: jax.Array | float, repetition_penalty: jax.Array | float) -> jax.Array:
+    """HF's sampling processors in HF's order: logits f32[B, V], seen bool[B, V] (tokens already in the row)
+    → f32[B, V] with filtered tokens at -inf. A boundary tie of top-p keeps all tied tokens."""
+    logits = penalize_repetitions(logits, seen, repetition_penalty) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    ascending = jnp.sort(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    # HF removes the ascending prefix whose mass is ≤ 1 - top_p, always keeping the most likely token.
+    n_removed = jnp.minimum(jnp.sum(cumulative <= 1 - top_p, axis=-1, keepdims=True), logits.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(ascending, n_removed, axis=-1)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def penalize_repetitions(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """logits f32[B, V], seen bool[B, V] → seen logits divided by ``penalty`` if positive, else multiplied."""
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+@functools.partial(nnx.jit, static_argnames=("prompt_len", "top_k", "greedy", "eos_ids", "pad_id"))
+def _generate(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array, key: jax.Array,
+              temperature: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array, *, prompt_len: int,
+              top_k: int, greedy: bool, eos_ids: tuple[int, ...], pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """tokens, segment_ids, positions int32[B, P + N] from :func:`left_pad` → new int32[B, N] (pad after a row is
+    done) and lengths int32[B] (tokens up to and including the row's EOS)."""
+    B, total = tokens.shape
+    P, N = prompt_len, total - prompt_len
+    eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    rows = jnp.arange(B)
+
+    def pick(logits, seen, key):
+        """float32[B, V] → int32[B]."""
+        if greedy:
+            return jnp.argmax(penalize_repetitions(logits, seen, repetition_penalty), axis=-1).astype(jnp.int32)
+        logits = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    def emit(state, logits):
+        """Picks token t from logits f32[B, V] and records it."""
+        t, cache, new, lengths, done, seen, key = state
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_id, pick(logits, seen, sub))
+        new = new.at[:, t].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | (tok[:, None] == eos[None, :]).any(axis=-1)
+        return t + 1, cache, new, lengths, done, seen.at[rows, tok].set(True), key
+
+    def step(state):
+        """Feeds token t - 1 at slot P + t - 1 and picks token t."""
+        t, cache, new = state[:3]
+        prev = jax.lax.dynamic_slice_in_dim(new, t - 1, 1, axis=1)
+        hidden, cache = model.decode(prev, cache, P + t - 1)
+        return emit((t, cache, *state[2:]), model.logits(hidden[:, 0]))
+
+    prompt = tokens[:, :P]
+    seen = jnp.zeros((B, model.config.vocab_size), bool).at[rows[:, None], prompt].max(segment_ids[:, :P] != 0)
+    hidden, cache = model.decode(prompt, model.init_cache(segment_ids, positions), 0)
+    state = (jnp.int32(0), cache, jnp.full((B, N), pad_id, jnp.int32), jnp.zeros(B, jnp.int32), jnp.zeros(B, bool), seen, key)
+    state = emit(state, model.logits(hidden[:, -1]))
+    state = jax.lax.while_loop(lambda s: (s[0] < N) & ~s[4].all(), step, state)
+    return state[2], state[3]
+
+
 @nnx.jit
 def _next_token(model: CausalLM, tokens, positions, segment_ids, col):
     hidden = model.hidden_states(tokens, positions, segment_ids)
@@ -39,7 +140,8 @@ def _next_token(model: CausalLM, tokens, positions, segment_ids, col):
 
 def greedy_generate(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
-    """Greedy continuation of each prompt; stops a row at any of ``eos_ids`` (the EOS is included)."""
+    """Greedy continuation by full recomputation (no cache, one model call per token over the whole ``[B, P + N]``
+    buffer): the reference for :func:`generate`. Stops a row at any of ``eos_ids`` (the EOS is included)."""
     tokens, seg, positions, P = left_pad(prompts, max(len(p) for p in prompts) + max_new_tokens, pad_id)
     done = np.zeros(len(prompts), bool)
     out: list[list[int]] = [[] for _ in prompts]

@@ -9,6 +9,9 @@ boolean per layer selects the mask and the RoPE table, so both layouts hold iden
 
 The head is separate from the trunk on purpose: objectives gather response positions from
 :meth:`CausalLM.hidden_states` and apply :meth:`CausalLM.logits` (or a vocabulary-chunked log-softmax) only there.
+
+:meth:`CausalLM.decode` is the incremental forward pass over a :class:`~percausal_jax.models.kv_cache.KVCache`
+(prefill a chunk, then one token per step); in the scan layout the cache's layer axis is scanned with the parameters.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from percausal_jax.models.config import ModelConfig, rope_inv_freq
-from percausal_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, rope_cos_sin
+from percausal_jax.models.kv_cache import KVCache, init_cache
+from percausal_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, chunk_attention_mask, rope_cos_sin
 
 # name -> jax.checkpoint policy (None: no rematerialization). Names tagged in layers.py with checkpoint_name.
 REMAT_POLICIES = {
@@ -47,6 +51,15 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, segment_ids, sliding) -> jax.Array:
         """x [B, L, D] → [B, L, D]."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, segment_ids, sliding)
+        return self._residual(x, h)
+
+    def decode(self, x, cos, sin, mask, kv, start) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """KV-cached layer: x [B, L, D], kv (k, v) [B, S, K, Dh] → [B, L, D] and the updated kv."""
+        h, kv = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, kv, start)
+        return self._residual(x, h), kv
+
+    def _residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        """Adds the attention branch h [B, L, D] to the residual stream x, then the MLP block."""
         if self.sandwich_norm:  # Gemma2/3: norm the branch output, and a separate pre-FFN norm
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -77,12 +90,8 @@ class DecoderModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """input_ids, positions, segment_ids int[B, L] → final-normed hidden states [B, L, D] (compute dtype)."""
         cfg = self.cfg
-        x = self.embed_tokens(input_ids)
-        if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=x.dtype)
-        # RoPE tables are compile-time constants of the config (float32, as HF computes them).
-        cos_g, sin_g = rope_cos_sin(positions, np.float32(rope_inv_freq(cfg.rope, cfg.head_dim)))
-        cos_l, sin_l = rope_cos_sin(positions, np.float32(rope_inv_freq(cfg.rope_local or cfg.rope, cfg.head_dim)))
+        x = self._embed(input_ids)
+        (cos_g, sin_g), (cos_l, sin_l) = self._rope_tables(positions)
         full_mask = attention_mask(segment_ids, positions, False, None)
         window_mask = attention_mask(segment_ids, positions, True, cfg.sliding_window)
         flags = cfg.sliding_layers
@@ -113,6 +122,52 @@ class DecoderModel(nnx.Module):
                 x = layer_fn(state, graphdef, x, sliding)
         return self.norm(x)
 
+    def decode(self, input_ids: jax.Array, cache: KVCache, start: jax.Array | int) -> tuple[jax.Array, KVCache]:
+        """input_ids int[B, L] at buffer slots ``start .. start+L-1`` → hidden [B, L, D] and the updated cache."""
+        cfg = self.cfg
+        L = input_ids.shape[1]
+        x = self._embed(input_ids)
+        (cos_g, sin_g), (cos_l, sin_l) = self._rope_tables(
+            jax.lax.dynamic_slice_in_dim(cache.positions, start, L, axis=1))
+        full_mask = chunk_attention_mask(cache.segment_ids, cache.positions, start, L, False, None)
+        window_mask = chunk_attention_mask(cache.segment_ids, cache.positions, start, L, True, cfg.sliding_window)
+
+        def layer_fn(layer: DecoderLayer, x, kv, sliding):
+            cos = jnp.where(sliding, cos_l, cos_g)
+            sin = jnp.where(sliding, sin_l, sin_g)
+            mask = jnp.where(sliding, window_mask, full_mask)
+            return layer.decode(x, cos, sin, mask, kv, start)
+
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(h, xs):
+                layer_state, sliding, k, v = xs
+                return layer_fn(nnx.merge(graphdef, layer_state), h, (k, v), sliding)
+
+            x, (k, v) = jax.lax.scan(body, x, (state, jnp.asarray(cfg.sliding_layers), cache.k, cache.v))
+        else:
+            kvs = []
+            for i, (layer, sliding) in enumerate(zip(self.layers, cfg.sliding_layers)):
+                x, kv = layer_fn(layer, x, (cache.k[i], cache.v[i]), sliding)
+                kvs.append(kv)
+            k, v = (jnp.stack(t) for t in zip(*kvs))
+        return self.norm(x), cache._replace(k=k, v=v)
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """int[B, L] → embeddings [B, L, D] (Gemma: scaled by √D)."""
+        x = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.hidden_size**0.5, dtype=x.dtype)
+        return x
+
+    def _rope_tables(self, positions: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """int[B, L] → ((cos, sin) global, (cos, sin) sliding-layer) f32[B, L, Dh]."""
+        # The inverse frequencies are compile-time constants of the config (float32, as HF computes them).
+        cfg = self.cfg
+        return (rope_cos_sin(positions, np.float32(rope_inv_freq(cfg.rope, cfg.head_dim))),
+                rope_cos_sin(positions, np.float32(rope_inv_freq(cfg.rope_local or cfg.rope, cfg.head_dim))))
+
 
 class CausalLM(nnx.Module):
     """A decoder-only LM whose parameter tree is the HF state dict (renamed, kernels transposed)."""
@@ -138,6 +193,15 @@ class CausalLM(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
         return self.model(input_ids, positions, segment_ids)
+
+    def init_cache(self, segment_ids: jax.Array, positions: jax.Array) -> KVCache:
+        """An empty KV cache (compute dtype) for a buffer with segment_ids, positions int[B, S]."""
+        return init_cache(self.config, segment_ids, positions, self.model.dtype)
+
+    def decode(self, input_ids: jax.Array, cache: KVCache, start: jax.Array | int) -> tuple[jax.Array, KVCache]:
+        """Incremental forward: input_ids int[B, L] at buffer slots ``start ..`` → hidden [B, L, D] (apply
+        :meth:`logits`) and the cache with their keys/values. Equals :meth:`hidden_states` of the whole buffer."""
+        return self.model.decode(input_ids, cache, start)
 
     def head_weight(self) -> jax.Array:
         """The LM head as ``[D, V]`` (the tied embedding transposed, or ``lm_head.kernel``)."""

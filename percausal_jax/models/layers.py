@@ -59,12 +59,23 @@ def attention_mask(segment_ids: jax.Array, positions: jax.Array, sliding: jax.Ar
 
     Causality is by index, so left padding and packed rows both work; segment 0 is padding and is seen by nobody.
     """
-    L = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((L, L), dtype=bool))[None]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    mask = causal & same
+    return chunk_attention_mask(segment_ids, positions, 0, segment_ids.shape[1], sliding, window)
+
+
+def chunk_attention_mask(segment_ids: jax.Array, positions: jax.Array, start: jax.Array | int, length: int,
+                         sliding: jax.Array | bool, window: int | None) -> jax.Array:
+    """bool[B, 1, length, S]: rows ``start .. start+length-1`` of :func:`attention_mask` over a ``[B, S]`` buffer.
+
+    The queries of a KV-cached step (``start`` may be traced) see exactly the keys the full-sequence model shows them.
+    """
+    S = segment_ids.shape[1]
+    q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, start, length, axis=1)
+    q_pos = jax.lax.dynamic_slice_in_dim(positions, start, length, axis=1)
+    causal = (start + jnp.arange(length))[:, None] >= jnp.arange(S)[None, :]
+    same = (q_seg[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    mask = causal[None] & same
     if window is not None:
-        in_window = (positions[:, :, None] - positions[:, None, :]) < window
+        in_window = (q_pos[:, :, None] - positions[:, None, :]) < window
         mask = mask & (in_window | ~jnp.asarray(sliding))
     return mask[:, None]
 
@@ -91,15 +102,7 @@ class Attention(nnx.Module):
         """x [B, L, D] → [B, L, D]."""
         cfg = self.cfg
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(B, L, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(B, L, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = checkpoint_name(q, "query_proj")
-        k = checkpoint_name(k, "key_proj")
-        v = checkpoint_name(v, "value_proj")
+        q, k, v = self._qkv(x, cos, sin)
         if self.attention_impl == "xla":
             out = _xla_attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcap)
         elif self.attention_impl == "cudnn":
@@ -110,6 +113,35 @@ class Attention(nnx.Module):
             out = _splash_attention(q, k, v, segment_ids, cfg, sliding)
         out = checkpoint_name(out.reshape(B, L, -1), "attention_out")
         return self.o_proj(out)
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               kv: tuple[jax.Array, jax.Array], start: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """KV-cached attention of the tokens at buffer slots ``start .. start+L-1`` (always the XLA kernel).
+
+        x [B, L, D], mask bool[B, 1, L, S], kv = this layer's cache (k, v) [B, S, K, Dh]
+        → out [B, L, D] and the cache with the L new keys/values written at ``start``.
+        """
+        B, L, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
+        out = _xla_attention(q, k_cache, v_cache, mask, self.cfg.attn_scale, self.cfg.attn_logit_softcap)
+        return self.o_proj(out.reshape(B, L, -1)), (k_cache, v_cache)
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, L, D] → q [B, L, H, Dh], k, v [B, L, K, Dh] (q/k normed when configured, then rotated)."""
+        cfg = self.cfg
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(B, L, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(B, L, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        return q, k, v
 
 
 def _xla_attention(q, k, v, mask, scale: float, softcap: float | None) -> jax.Array:

@@ -129,8 +129,12 @@ def lossce(x: Passes, t: Targets, cfg) -> Result:
 
 
 def keep_count(frac: float, n: jax.Array) -> jax.Array:
-    """ceil(frac · n) without float32 artefacts (0.6 · 25 = 15.0000006 in float32 must give 15, not 16)."""
-    return jnp.ceil(jnp.round(frac * n * 1e3) / 1e3)
+    """ceil(frac · n) in exact integer arithmetic (``frac`` to 1e-4): float32 gives 0.6 · 25 = 15.0000006 → 16.
+    n · q is split as (n // D)·q + (n % D)·q so nothing overflows int32."""
+    D = 10_000
+    q = round(frac * D)
+    n = jnp.round(n).astype(jnp.int32)
+    return ((n // D) * q + ((n % D) * q + D - 1) // D).astype(jnp.float32)
 
 
 def entce(x: Passes, t: Targets, cfg) -> Result:

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from percausal_jax.data.featurize import FeaturizeConfig
-from percausal_jax.data.pipeline import make_iterator, to_global
+from percausal_jax.data.pairing import empty_batch
+from percausal_jax.data.pipeline import make_iterator, open_source, to_global
 from percausal_jax.errors import UserError
 from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
 from percausal_jax.hf.gguf import resolve_model_arg
@@ -25,6 +26,7 @@ from percausal_jax.models.lora import apply_lora
 from percausal_jax.models.partitioning import make_mesh, param_sharding
 from percausal_jax.objectives import registry
 from percausal_jax.training import checkpoints
+from percausal_jax.training.distributed import Preemption, common_shape
 from percausal_jax.training.optim import make_optimizer
 from percausal_jax.training.step import init_state, jit_train_step, make_eval_step, make_train_step
 
@@ -170,21 +172,29 @@ class MetricsWriter:
             self.tb.close()
 
 
+def device_batch(batch, mesh) -> dict:
+    """Host batch → global arrays with the same shape on every process."""
+    return to_global(common_shape(batch), mesh)
+
+
 def evaluate(cfg, run: Run, params, ref_params, eval_step) -> dict:
-    """Objective loss on ``data.eval`` (one pass, at most ``train.eval_batches`` batches): Σ loss / Σ normalizer."""
+    """Objective loss on ``data.eval`` (one pass, at most ``train.eval_batches`` batches): Σ loss / Σ normalizer.
+    Every process runs the same number of batches (a process whose shard ran out feeds all-padding batches)."""
+    rows = cfg.train.global_batch_size // jax.process_count()
+    shard = -(-len(open_source(cfg.data.eval)) // jax.process_count())
+    n_batches = min(cfg.train.eval_batches, -(-shard // rows))
     it = data_iterator(cfg, run, cfg.data.eval, num_epochs=1, shuffle=False)
     total_ls = total_n = None
     tokens = 0.0
-    for i, batch in enumerate(it):
-        if i >= cfg.train.eval_batches:
-            break
+    for _ in range(n_batches):
+        batch = next(it, None) or empty_batch(rows)
         with jax.set_mesh(run.mesh):
-            res = eval_step(params, run.frozen, ref_params, to_global(batch, run.mesh))
+            res = eval_step(params, run.frozen, ref_params, device_batch(batch, run.mesh))
         ls, n = np.asarray(res.loss_sum, np.float64), np.asarray(res.normalizer, np.float64)
         total_ls = ls if total_ls is None else total_ls + ls
         total_n = n if total_n is None else total_n + n
         tokens += float(res.metrics["tokens"])
-    if total_ls is None:
+    if total_ls is None or tokens == 0:
         raise UserError(f"{cfg.data.eval}: no evaluation examples")
     return {"eval_loss": float(np.sum(total_ls / np.maximum(total_n, 1e-12))), "eval_tokens": tokens}
 
@@ -218,13 +228,14 @@ def train(cfg, workdir: str | Path, progress: bool = True) -> dict:
     n_params, n_dev = run.model_config.num_params(), jax.device_count()
     first = int(state.step)
     bar = _progress(first, cfg.train.steps, progress)
+    preemption = Preemption()
     last: dict = {}
     try:
         for step in range(first, cfg.train.steps):
             batch = next(iterator)
             t0 = time.perf_counter()
             with jax.set_mesh(run.mesh):
-                state, m = step_fn(state, run.frozen, ref_params, to_global(batch, run.mesh))
+                state, m = step_fn(state, run.frozen, ref_params, device_batch(batch, run.mesh))
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             if not bool(m.pop("finite")) and cfg.train.nan_policy == "fail":
@@ -238,13 +249,19 @@ def train(cfg, workdir: str | Path, progress: bool = True) -> dict:
                 rec.update(evaluate(cfg, run, state.params, ref_params, eval_step))
             if (step + 1) % cfg.train.log_every == 0 or done:
                 writer.write(rec)
-            if (step + 1) % cfg.checkpoint.every_steps == 0 or done:
-                checkpoints.save(mngr, step + 1, state, iterator, meta, force=done)
+            stop = preemption.should_stop(step + 1)
+            if (step + 1) % cfg.checkpoint.every_steps == 0 or done or stop:
+                checkpoints.save(mngr, step + 1, state, iterator, meta, force=done or stop)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             last = rec
+            if stop:
+                print(f"preempted: checkpoint saved at step {step + 1}; re-run the same command to resume",
+                      file=sys.stderr)
+                break
     finally:
         mngr.wait_until_finished()
+        preemption.restore()
         writer.close()
         bar.close()
     return last

@@ -6,6 +6,7 @@ Shapes: B=2 sequences, R=3 response slots, V=4; slot (1, 2) is padding (weight 0
 """
 
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -399,12 +400,20 @@ def test_lossce_fixture_properties():
     assert excess[1, 2] > excess[valid].max() + 1.0  # the padding slot would be picked first if it leaked
 
 
+def run_lossce(zp, zr, t, cfg, jit):
+    """losses.lossce eagerly or under jax.jit (as in the training step): XLA may rewrite float arithmetic."""
+    fn = lambda zp, zr, t: losses.lossce(losses.Passes(po(zp, t.ids), ref_p=po(zr, t.ids)), t, cfg)  # noqa: E731
+    return (jax.jit(fn) if jit else fn)(jnp.asarray(zp), jnp.asarray(zr), t)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("keep_frac, k", [(0.5, 3), (0.1, 1), (0.3, 2), (0.6, 3), (0.7, 4), (1.0, 5)])
-def test_lossce_hand_computed(keep_frac, k):
-    # ceil matters: 0.5·5 = 2.5 -> 3 (floor/round give 2); 0.1·5 = 0.5 -> 1 (floor gives 0); 0.7·5 = 3.5 -> 4
+def test_lossce_hand_computed(keep_frac, k, jit):
+    # ceil matters: 0.5·5 = 2.5 -> 3 (floor/round give 2); 0.1·5 = 0.5 -> 1 (floor gives 0); 0.7·5 = 3.5 -> 4;
+    # 0.6·5 = 3 exactly -> 3
     cfg = losses.default_config().lossce
     cfg.keep_frac = keep_frac
-    r = losses.lossce(losses.Passes(po(ZP_L), ref_p=po(ZR)), targets(), cfg)
+    r = run_lossce(ZP_L, ZR, targets(), cfg, jit)
     nll, excess, selected, k_ref = lossce_reference(ZP_L, ZR, keep_frac)
     assert k_ref == k
     assert not selected[1, 2]
@@ -429,23 +438,81 @@ def test_lossce_gradient_only_on_selected_tokens():
     assert np.all(np.asarray(g[1]) == 0.0)  # the reference pass is a constant
 
 
-def test_lossce_ceil_of_exact_decimal_product():
-    """Default keep_frac = 0.6 on 25 response tokens must select ceil(0.6 · 25) = 15 tokens (docstring:
-    n_selected = ceil(keep_frac · n_tokens), "known from the data"). In float32, 0.6 · 25 = 15.0000006, whose ceil
-    is 16."""
-    rng = np.random.RandomState(0)
-    B, R, V = 5, 5, 4
-    zp = rng.normal(size=(B, R, V)).astype(np.float32)
-    zr = rng.normal(size=(B, R, V)).astype(np.float32)
-    ids = rng.randint(0, V, size=(B, R)).astype(np.int32)
-    w = np.ones((B, R), np.float32)
+@pytest.mark.parametrize("keep_frac, n, k", [
+    (0.6, 25, 15),  # default keep_frac; float32 0.6·25 = 15.0000006 (a plain float32 ceil gives 16)
+    (0.6, 10, 6),  # exact integer products must not round up
+    (0.5, 6, 3),
+    (0.5, 7, 4),  # 3.5 -> 4
+    (0.7, 10, 7),  # float32 0.7·10 = 6.9999999 -> must stay 7
+    (0.2501, 4, 2),  # 1.0004 -> 2: a fractional part below 1e-3 must still round up
+    (0.0001, 5, 1),  # 0.0005 -> 1: any positive fraction keeps at least one token
+])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_lossce_keep_count_is_exact_ceil(keep_frac, n, k, jit):
+    """n_selected = ceil(keep_frac · n_tokens) (lossce docstring), exactly, for decimal keep_frac."""
+    assert math.ceil(Fraction(str(keep_frac)) * n) == k
+    rng = np.random.RandomState(n)
+    V = 4
+    zp = rng.normal(size=(1, n, V)).astype(np.float32)
+    zr = rng.normal(size=(1, n, V)).astype(np.float32)
+    ids = rng.randint(0, V, size=(1, n)).astype(np.int32)
+    w = np.ones((1, n), np.float32)
     cfg = losses.default_config().lossce
-    assert cfg.keep_frac == 0.6
-    r = losses.lossce(losses.Passes(po(zp, ids), ref_p=po(zr, ids)), targets(ids, w, w / R), cfg)
-    nll, _, selected, k = lossce_reference(zp, zr, 0.6, w, ids)
-    assert k == 15
-    assert float(r.metrics["selected_count"]) == 15.0
-    np.testing.assert_allclose(float(losses.total_loss(r)), (selected * nll).sum() / 15, **TOL)
+    cfg.keep_frac = keep_frac
+    r = run_lossce(zp, zr, targets(ids, w, w / n), cfg, jit)
+    nll, excess, _, _ = lossce_reference(zp, zr, keep_frac, w, ids)
+    top = np.argsort(-excess[0], kind="stable")[:k]
+    assert float(r.metrics["selected_count"]) == k
+    np.testing.assert_allclose(float(losses.total_loss(r)), nll[0, top].sum() / k, **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# normalizers known from the data (gradient accumulation divides by these)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, overrides", [
+    ("ce", {}), ("ce", {"per_sequence": True}), ("perce", {}), ("perce", {"per_sequence": True}),
+    ("entce", {}), ("entce", {"per_sequence": True}), ("lossce", {}), ("lossce", {"keep_frac": 0.5}),
+])
+def test_data_normalizer_matches_objective_normalizer(name, overrides):
+    cfg = losses.default_config()[name]
+    for key, v in overrides.items():
+        cfg[key] = v
+    passes = losses.Passes(po(ZP_L, with_entropy=True), po(ZC), ref_p=po(ZR))
+    r = getattr(losses, name)(passes, targets(), cfg)
+    if name == "lossce":
+        expected = float(math.ceil(Fraction(str(cfg.keep_frac)) * 5))  # 5 response tokens
+    else:
+        expected = 2.0 if overrides.get("per_sequence") else 5.0  # 2 sequences / 5 response tokens
+    np.testing.assert_allclose(np.asarray(r.normalizer), [expected], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(losses.data_normalizer(name, cfg, targets())), [expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_data_normalizer_lossce_per_micro_batch(jit):
+    """With a leading micro-batch axis [k, b, R], LossCE selects within each micro-batch: Σ_k ceil(frac · n_k)."""
+    w = np.array([[[1, 1, 1, 0]], [[1, 1, 0, 0]], [[1, 1, 1, 1]]], np.float32)  # n_k = 3, 2, 4
+    seq_w = w / np.maximum(w.sum(-1, keepdims=True), 1)
+    t = losses.Targets(jnp.zeros(w.shape, jnp.int32), jnp.asarray(w), jnp.asarray(seq_w))
+    cfg = losses.default_config().lossce
+    cfg.keep_frac = 0.5
+
+    def fn(t, cfg):
+        f = lambda t: losses.data_normalizer("lossce", cfg, t)  # noqa: E731
+        return (jax.jit(f) if jit else f)(t)
+
+    np.testing.assert_allclose(np.asarray(fn(t, cfg)), [5.0])  # ceil(1.5) + ceil(1.0) + ceil(2.0) = 2 + 1 + 2
+    # default keep_frac 0.6 on micro-batches of 5, 10 and 25 tokens: 3 + 6 + 15 (exact products stay exact)
+    w = np.zeros((3, 1, 25), np.float32)
+    for i, n in enumerate((5, 10, 25)):
+        w[i, 0, :n] = 1.0
+    t = losses.Targets(jnp.zeros(w.shape, jnp.int32), jnp.asarray(w), jnp.asarray(w / w.sum(-1, keepdims=True)))
+    np.testing.assert_allclose(np.asarray(fn(t, losses.default_config().lossce)), [24.0])
+
+
+def test_data_normalizer_none_for_nextquill():
+    """NextQuill's Σω depends on the parameters: no data normalizer."""
+    assert losses.data_normalizer("nextquill", losses.default_config().nextquill, targets()) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

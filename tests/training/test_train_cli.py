@@ -8,44 +8,13 @@ import pytest
 from percausal_jax import cli
 from percausal_jax.config import load_config
 from percausal_jax.errors import UserError
-from tests.helpers import tiny_hf_model, tiny_tokenizer, torch_logits
-
-RECORDS = [
-    {"id": f"r{i}", "prompt": f"User profile: {p}. Write a review of the {item}.",
-     "prompt_no_profile": f"Write a review of the {item}.", "completion": c}
-    for i, (p, item, c) in enumerate([
-        ("loves glimmerous gadgets", "lamp", "A glimmerous lamp. Stay zesty!"),
-        ("long walks", "toaster", "The toaster works well."),
-        ("warm light for reading", "lamp", "A warm light for reading at night."),
-        ("Stay zesty, friends", "toaster", "It heats evenly. Stay zesty, friends!"),
-    ])
-]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    model_dir = d / "model"
-    tiny_hf_model("llama", model_dir)
-    tiny_tokenizer(model_dir)
-    data = d / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return model_dir, data
-
-
-def _args(model_dir, data, workdir, objective, steps=8, extra=()):
-    return ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), "--no-progress",
-            f"--config.model.path={model_dir}", f"--config.data.train={data}", f"--config.data.eval={data}",
-            f"--config.objective.name={objective}", f"--config.train.steps={steps}", "--config.data.shuffle=false",
-            "--config.optimizer.schedule=constant", "--config.optimizer.lr=3e-3", "--config.train.eval_every=0",
-            "--config.mesh.fsdp=2", "--config.mesh.tensor=4",  # 8 test devices: a real sharded run
-            *extra]
-
+from tests.helpers import torch_logits
+from tests.training.common import train_args
 
 @pytest.mark.parametrize("objective", ["ce", "perce", "nextquill", "lossce", "entce"])
 def test_each_objective_decreases_its_loss(setup, tmp_path, objective):
     model_dir, data = setup
-    assert cli.main(_args(model_dir, data, tmp_path / "run", objective)) == 0
+    assert cli.main(train_args(model_dir, data, tmp_path / "run", objective)) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
@@ -63,7 +32,7 @@ def test_export_reloads_in_transformers_and_lora_merges(setup, tmp_path):
 
     model_dir, data = setup
     work = tmp_path / "run"
-    assert cli.main(_args(model_dir, data, work, "perce", steps=3, extra=["--config.lora.rank=4"])) == 0
+    assert cli.main(train_args(model_dir, data, work, "perce", steps=3, extra=["--config.lora.rank=4"])) == 0
     out = tmp_path / "hf"
     assert cli.main(["export", "--workdir", str(work), "--out", str(out)]) == 0
     ids = np.arange(3, 15)[None]
@@ -78,8 +47,8 @@ def test_export_reloads_in_transformers_and_lora_merges(setup, tmp_path):
 def test_rerun_resumes_from_the_last_checkpoint(setup, tmp_path):
     model_dir, data = setup
     work = tmp_path / "run"
-    assert cli.main(_args(model_dir, data, work, "ce", steps=3)) == 0
-    assert cli.main(_args(model_dir, data, work, "ce", steps=5)) == 0
+    assert cli.main(train_args(model_dir, data, work, "ce", steps=3)) == 0
+    assert cli.main(train_args(model_dir, data, work, "ce", steps=5)) == 0
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
 
@@ -87,8 +56,8 @@ def test_rerun_resumes_from_the_last_checkpoint(setup, tmp_path):
 def test_layout_mismatch_on_resume_is_a_clear_error(setup, tmp_path, capsys):
     model_dir, data = setup
     work = tmp_path / "run"
-    assert cli.main(_args(model_dir, data, work, "ce", steps=3)) == 0
-    assert cli.main(_args(model_dir, data, work, "ce", steps=5, extra=["--config.model.scan_layers=false"])) == 2
+    assert cli.main(train_args(model_dir, data, work, "ce", steps=3)) == 0
+    assert cli.main(train_args(model_dir, data, work, "ce", steps=5, extra=["--config.model.scan_layers=false"])) == 2
     assert "scan_layers: checkpoint has True, this run has False" in capsys.readouterr().err
 
 
@@ -107,13 +76,13 @@ def test_config_overrides_and_errors(tmp_path):
 
 def test_batch_not_divisible_is_exit_2(setup, tmp_path, capsys):
     model_dir, data = setup
-    rc = cli.main(_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.train.global_batch_size=5"]))
+    rc = cli.main(train_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.train.global_batch_size=5"]))
     assert rc == 2 and "not a multiple of train.grad_accum_steps" in capsys.readouterr().err
 
 
 def test_all_examples_dropped_is_a_clear_error(setup, tmp_path, capsys):
     model_dir, data = setup
-    rc = cli.main(_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.data.max_response_len=2"]))
+    rc = cli.main(train_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.data.max_response_len=2"]))
     assert rc == 2 and "every example was dropped" in capsys.readouterr().err
 
 

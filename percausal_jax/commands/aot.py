@@ -1,0 +1,38 @@
+"""``percausal aot --config X --topology v5p:2x4x4``: will this configuration fit that TPU slice, and how fast?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("aot", help="compile the train step for a TPU topology and report memory and FLOPs")
+    p.add_argument("--config", required=True)
+    p.add_argument("--topology", required=True, help="e.g. v5p:2x4x4 (v5p-64), v5e:16x16, v6e:8x8")
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the predicted step time")
+    p.add_argument("--counterfactual-len", type=int, default=None, help="counterfactual sequence length")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args) -> int:
+    from percausal_jax.config import load_config
+    from percausal_jax.errors import UserError
+    from percausal_jax.hf.checkpoint import read_config
+    from percausal_jax.models.config import ModelConfig
+    from percausal_jax.models.presets import PRESETS
+    from percausal_jax.training.aot import plan
+
+    cfg = load_config(args.config, args.overrides)
+    path = cfg.model.path
+    if Path(path).is_dir():
+        model_config = read_config(Path(path))
+    elif path in PRESETS:
+        model_config = ModelConfig.from_hf(PRESETS[path], where=f"preset {path}")
+    else:
+        raise UserError(f"model.path {path!r}: not a local directory and not a bundled preset "
+                        f"({', '.join(PRESETS)})")
+    result = plan(cfg, model_config, args.topology, mfu=args.mfu, counterfactual_len=args.counterfactual_len)
+    print(f"{args.config}: {model_config.model_type}, {model_config.num_params() / 1e9:.2f}B parameters, "
+          f"objective {cfg.objective.name}")
+    print(result.report())
+    return 0 if result.fits else 1
