@@ -20,8 +20,8 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/percausal generate --model embedded \
-		--prompt "Write two sentences about why personalized writing assistants should learn a user's style."
+	-bash scripts/install_wordnet.sh
+	HF_HUB_OFFLINE=1 $(BIN)/percausal demo --out demo_out
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -20,7 +20,10 @@ SUBCOMMANDS = {
     "score": "percausal_jax.commands.score",
     "train": "percausal_jax.commands.train",
     "export": "percausal_jax.commands.export",
+    "eval": "percausal_jax.commands.eval",
     "aot": "percausal_jax.commands.aot",
+    "demo": "percausal_jax.commands.demo",
+    "sweep": "percausal_jax.commands.sweep",
 }
 
 

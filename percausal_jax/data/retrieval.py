@@ -34,7 +34,6 @@ from percausal_jax.errors import UserError
 Method = Literal["bm25", "recency", "random", "contriever"]
 METHODS: tuple[Method, ...] = ("bm25", "recency", "random", "contriever")
 _TIME_FIELDS = ("date", "timestamp", "year")
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s logs every index build at DEBUG
 
 
 def top_k(record: dict, k: int, method: Method, *, seed: int = 0,
@@ -66,6 +65,8 @@ def rank(record: dict, method: Method, *, seed: int = 0, contriever: Contriever 
 def bm25_order(query: str, documents: Sequence[str]) -> list[int]:
     """BM25 ranking on whitespace tokens, case kept; ties in document order (see module doc for the variant)."""
     import bm25s  # imported lazily: it pulls in scipy
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets itself to DEBUG on import
 
     query_tokens = query.split()
     corpus = [document.split() for document in documents]

@@ -14,7 +14,7 @@ HF's order: repetition penalty, then (sampling only) temperature, top-k, top-p.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from percausal_jax.models.decoder import CausalLM
+from percausal_jax.models.kv_cache import KVCache
 
 
 def left_pad(prompts: Sequence[Sequence[int]], total_len: int, pad_id: int = 0):
@@ -86,6 +87,19 @@ def penalize_repetitions(logits: jax.Array, seen: jax.Array, penalty: jax.Array 
     return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+class _Decoding(NamedTuple):
+    """The while-loop carry: t (tokens picked so far), cache, new int32[B, N], lengths int32[B], done bool[B],
+    seen bool[B, V] (tokens in the row so far, for the repetition penalty), key."""
+
+    t: jax.Array
+    cache: KVCache
+    new: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    seen: jax.Array
+    key: jax.Array
+
+
 @functools.partial(nnx.jit, static_argnames=("prompt_len", "top_k", "greedy", "eos_ids", "pad_id"))
 def _generate(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array, key: jax.Array,
               temperature: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array, *, prompt_len: int,
@@ -97,7 +111,7 @@ def _generate(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array, positi
     eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
     rows = jnp.arange(B)
 
-    def pick(logits, seen, key):
+    def pick(logits: jax.Array, seen: jax.Array, key: jax.Array) -> jax.Array:
         """float32[B, V] → int32[B]."""
         if greedy:
             return jnp.argmax(penalize_repetitions(logits, seen, repetition_penalty), axis=-1).astype(jnp.int32)
@@ -105,30 +119,27 @@ def _generate(model: CausalLM, tokens: jax.Array, segment_ids: jax.Array, positi
                                 repetition_penalty=repetition_penalty)
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
-    def emit(state, logits):
-        """Picks token t from logits f32[B, V] and records it."""
-        t, cache, new, lengths, done, seen, key = state
-        key, sub = jax.random.split(key)
-        tok = jnp.where(done, pad_id, pick(logits, seen, sub))
-        new = new.at[:, t].set(tok)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | (tok[:, None] == eos[None, :]).any(axis=-1)
-        return t + 1, cache, new, lengths, done, seen.at[rows, tok].set(True), key
+    def emit(s: _Decoding, logits: jax.Array) -> _Decoding:
+        """Picks token t from logits f32[B, V] and records it (pad for rows already done)."""
+        key, sub = jax.random.split(s.key)
+        tok = jnp.where(s.done, pad_id, pick(logits, s.seen, sub))
+        return s._replace(t=s.t + 1, new=s.new.at[:, s.t].set(tok), lengths=s.lengths + (~s.done).astype(jnp.int32),
+                          done=s.done | (tok[:, None] == eos[None, :]).any(axis=-1),
+                          seen=s.seen.at[rows, tok].set(True), key=key)
 
-    def step(state):
-        """Feeds token t - 1 at slot P + t - 1 and picks token t."""
-        t, cache, new = state[:3]
-        prev = jax.lax.dynamic_slice_in_dim(new, t - 1, 1, axis=1)
-        hidden, cache = model.decode(prev, cache, P + t - 1)
-        return emit((t, cache, *state[2:]), model.logits(hidden[:, 0]))
+    def step(s: _Decoding) -> _Decoding:
+        """Feeds token t - 1 at buffer slot P + t - 1 and picks token t."""
+        hidden, cache = model.decode(jax.lax.dynamic_slice_in_dim(s.new, s.t - 1, 1, axis=1), s.cache, P + s.t - 1)
+        return emit(s._replace(cache=cache), model.logits(hidden[:, 0]))
 
     prompt = tokens[:, :P]
-    seen = jnp.zeros((B, model.config.vocab_size), bool).at[rows[:, None], prompt].max(segment_ids[:, :P] != 0)
     hidden, cache = model.decode(prompt, model.init_cache(segment_ids, positions), 0)
-    state = (jnp.int32(0), cache, jnp.full((B, N), pad_id, jnp.int32), jnp.zeros(B, jnp.int32), jnp.zeros(B, bool), seen, key)
+    seen = jnp.zeros((B, model.config.vocab_size), bool).at[rows[:, None], prompt].max(segment_ids[:, :P] != 0)
+    state = _Decoding(t=jnp.int32(0), cache=cache, new=jnp.full((B, N), pad_id, jnp.int32),
+                      lengths=jnp.zeros(B, jnp.int32), done=jnp.zeros(B, bool), seen=seen, key=key)
     state = emit(state, model.logits(hidden[:, -1]))
-    state = jax.lax.while_loop(lambda s: (s[0] < N) & ~s[4].all(), step, state)
-    return state[2], state[3]
+    state = jax.lax.while_loop(lambda s: (s.t < N) & ~s.done.all(), step, state)
+    return state.new, state.lengths
 
 
 @nnx.jit

@@ -200,7 +200,8 @@ class CausalLM(nnx.Module):
 
     def decode(self, input_ids: jax.Array, cache: KVCache, start: jax.Array | int) -> tuple[jax.Array, KVCache]:
         """Incremental forward: input_ids int[B, L] at buffer slots ``start ..`` → hidden [B, L, D] (apply
-        :meth:`logits`) and the cache with their keys/values. Equals :meth:`hidden_states` of the whole buffer."""
+        :meth:`logits`) and the cache with their keys/values; the rows :meth:`hidden_states` gives for those slots
+        when run on the whole buffer (with the cache's positions and segment ids)."""
         return self.model.decode(input_ids, cache, start)
 
     def head_weight(self) -> jax.Array:

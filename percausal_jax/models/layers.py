@@ -114,8 +114,8 @@ class Attention(nnx.Module):
         out = checkpoint_name(out.reshape(B, L, -1), "attention_out")
         return self.o_proj(out)
 
-    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array], start: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: tuple[jax.Array, jax.Array],
+               start: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """KV-cached attention of the tokens at buffer slots ``start .. start+L-1`` (always the XLA kernel).
 
         x [B, L, D], mask bool[B, 1, L, S], kv = this layer's cache (k, v) [B, S, K, Dh]

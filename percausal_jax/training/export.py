@@ -28,9 +28,21 @@ def restore_model(workdir: str | Path, step: int | None = None):
     return nnx.merge(run.graphdef, state.params, run.frozen), run, cfg, step
 
 
-def export_checkpoint(workdir: str | Path, out: str | Path, step: int | None = None, dtype=None) -> Path:
-    """Full model (LoRA merged into the base when the run used adapters), tokenizer copied, atomic."""
+def export_checkpoint(workdir: str | Path, out: str | Path, step: int | None = None, dtype=None,
+                      form: str = "full") -> Path:
+    """``form``: ``full`` (a full HF model; LoRA runs are merged into the base), ``merged`` (the same, and an error
+    for a run without LoRA), or ``peft`` (a PEFT adapter for the base model). Tokenizer copied; atomic."""
+    from percausal_jax.errors import UserError
+    from percausal_jax.hf.peft import save_peft_adapter
+
     model, run, cfg, _ = restore_model(workdir, step)
-    if cfg.lora.rank > 0:
+    lora = cfg.lora.rank > 0
+    if form in ("merged", "peft") and not lora:
+        raise UserError(f"{workdir}: --{'merge-lora' if form == 'merged' else 'peft'} needs a LoRA run "
+                        "(this run fine-tuned all parameters); export without it")
+    if form == "peft":
+        return save_peft_adapter(model, out, base_model=str(run.model_dir), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                 targets=tuple(cfg.lora.targets), tokenizer_dir=run.model_dir)
+    if lora:
         merge_lora(model)
     return save_pretrained(model, out, tokenizer=run.model_dir, dtype=dtype)

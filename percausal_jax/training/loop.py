@@ -185,7 +185,7 @@ def evaluate(cfg, run: Run, params, ref_params, eval_step) -> dict:
     n_batches = min(cfg.train.eval_batches, -(-shard // rows))
     it = data_iterator(cfg, run, cfg.data.eval, num_epochs=1, shuffle=False)
     total_ls = total_n = None
-    tokens = 0.0
+    tokens = nll = 0.0
     for _ in range(n_batches):
         batch = next(it, None) or empty_batch(rows)
         with jax.set_mesh(run.mesh):
@@ -194,9 +194,12 @@ def evaluate(cfg, run: Run, params, ref_params, eval_step) -> dict:
         total_ls = ls if total_ls is None else total_ls + ls
         total_n = n if total_n is None else total_n + n
         tokens += float(res.metrics["tokens"])
+        nll += float(res.metrics["nll_sum"])
     if total_ls is None or tokens == 0:
         raise UserError(f"{cfg.data.eval}: no evaluation examples")
-    return {"eval_loss": float(np.sum(total_ls / np.maximum(total_n, 1e-12))), "eval_tokens": tokens}
+    # eval_nll (mean gold-token NLL) compares across objectives; eval_loss is each objective's own loss
+    return {"eval_loss": float(np.sum(total_ls / np.maximum(total_n, 1e-12))), "eval_nll": nll / tokens,
+            "eval_tokens": tokens}
 
 
 def train(cfg, workdir: str | Path, progress: bool = True) -> dict:

@@ -1,6 +1,7 @@
 """KV-cache decoding (`generate`) against full recomputation (`greedy_generate`) and transformers' `generate`."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -59,15 +60,19 @@ def test_cached_decode_equals_full_forward(family_dir, scan):
     prompts, extra = _prompts(), 5
     tokens, seg, positions, P = left_pad(prompts, max(PROMPT_LENGTHS) + extra)
     tokens[:, P:] = np.random.RandomState(1).randint(3, 256, (len(prompts), extra))
-    step = nnx.jit(lambda m, ids, cache, start: m.decode(ids, cache, start))
-    hidden, cache = step(model, tokens[:, :P], model.init_cache(seg, positions), 0)
-    chunks = [hidden]
-    for t in range(P, tokens.shape[1]):
-        hidden, cache = step(model, tokens[:, t:t + 1], cache, t)
-        chunks.append(hidden)
-    full = model.hidden_states(tokens, positions, seg)
+
+    @nnx.jit
+    def cached_and_full(model, tokens, seg, positions):  # one program: prefill, then 5 single-token steps
+        hidden, cache = model.decode(tokens[:, :P], model.init_cache(seg, positions), 0)
+        chunks = [hidden]
+        for t in range(P, tokens.shape[1]):
+            hidden, cache = model.decode(tokens[:, t:t + 1], cache, t)
+            chunks.append(hidden)
+        return jnp.concatenate(chunks, axis=1), model.hidden_states(tokens, positions, seg)
+
+    cached, full = cached_and_full(model, tokens, seg, positions)
     real = seg == 1
-    np.testing.assert_allclose(np.concatenate(chunks, axis=1)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])

@@ -105,3 +105,31 @@ def test_nextquill_config_carries_the_code_values():
     assert c.data.counterfactual_mode == "placeholder" and c.data.retriever == "recency" and c.data.k == 8
     with pytest.raises(UserError, match="expected TASK,MODEL"):
         load_config("configs/perce_longlamp.py:email,qwen3-4b")
+
+
+def test_peft_adapter_loads_with_peft_and_matches(setup, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from percausal_jax.training.export import restore_model
+
+    model_dir, data = setup
+    work = tmp_path / "run"
+    assert cli.main(train_args(model_dir, data, work, "perce", steps=3,
+                               extra=["--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj,down_proj"])) == 0
+    out = tmp_path / "adapter"
+    assert cli.main(["export", "--workdir", str(work), "--out", str(out), "--peft"]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = np.arange(3, 15)[None]
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(ids)).logits.numpy()
+    ours = restore_model(work)[0]
+    np.testing.assert_allclose(ref, np.asarray(ours(ids)), atol=1e-5)
+    # a full fine-tuning run has no adapter to export
+    full = tmp_path / "full"
+    assert cli.main(train_args(model_dir, data, full, "ce", steps=1)) == 0
+    assert cli.main(["export", "--workdir", str(full), "--out", str(tmp_path / "x"), "--peft"]) == 2
+    assert "needs a LoRA run" in capsys.readouterr().err

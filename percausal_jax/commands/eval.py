@@ -1,0 +1,67 @@
+"""``percausal eval --model PATH | --workdir DIR [--step N] --data FILE --out PREDS.jsonl``: generate and score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="generate for each record and compute ROUGE / METEOR / LaMP metrics")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF model directory, hub id, or 'embedded'")
+    src.add_argument("--workdir", help="a training run (its latest checkpoint, or --step)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--data", required=True, help="canonical or prompt records (JSONL/parquet)")
+    p.add_argument("--out", required=True, help="predictions JSONL")
+    p.add_argument("--metrics", default=None, help="metrics JSON (default: OUT with .metrics.json)")
+    p.add_argument("--task", default=None, help="metric family when records carry no task (e.g. product_review)")
+    p.add_argument("--template", choices=("chat", "none"), default=None,
+                   help="prompt template (default: the run's, or chat for --model)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="only the first N records")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs WordNet)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from percausal_jax.commands.score import _tokenizer, _write_atomic
+    from percausal_jax.data.featurize import FeaturizeConfig
+    from percausal_jax.evaluation.evaluate import DecodeConfig, generate_for_records, read_eval_records, score
+
+    records = read_eval_records(args.data)
+    if args.limit:
+        records = records[:args.limit]
+    if args.workdir:
+        from percausal_jax.training.export import restore_model
+        from percausal_jax.training.loop import featurize_config
+
+        model, run_, cfg, _ = restore_model(args.workdir, args.step)
+        tokenizer, fcfg = run_.tokenizer, featurize_config(cfg)
+        if args.template:
+            fcfg = FeaturizeConfig(**{**fcfg.__dict__, "template": args.template})
+    else:
+        from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
+        from percausal_jax.hf.gguf import resolve_model_arg
+
+        model_dir = resolve_model_dir(resolve_model_arg(args.model))
+        tokenizer = _tokenizer(model_dir)
+        model = load_pretrained(model_dir)
+        fcfg = FeaturizeConfig(template=args.template or "chat")
+    dcfg = DecodeConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                        args.seed, args.batch_size)
+    rows = generate_for_records(model, tokenizer, records, fcfg, dcfg, progress=not args.no_progress)
+    result = score(rows, records, args.task, meteor=not args.no_meteor)
+    out = Path(args.out)
+    _write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    metrics_path = Path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")
+    _write_atomic(metrics_path, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,62 @@
+"""LoRA adapters → a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) that
+``peft.PeftModel.from_pretrained(base, dir)`` loads onto the base model.
+
+PEFT names: ``base_model.model.<hf path>.lora_A.weight`` [r, in] = our ``lora_a`` [in, r] transposed, and
+``lora_B.weight`` [out, r] = ``lora_b`` [r, out] transposed; scaling ``lora_alpha / r`` as ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from percausal_jax.errors import UserError
+from percausal_jax.hf.checkpoint import _replace_dir, hf_tensor_names
+
+
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+    out = {}
+    cfg = model.config
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        leaf = str(path[-1])
+        names = hf_tensor_names(tuple(path[:-1]) + ("weight",), model.scan_layers, cfg.num_hidden_layers)
+        value = np.asarray(jax.device_get(var[...]), np.float32)
+        parts = list(value) if len(names) > 1 else [value]
+        suffix = "lora_A" if leaf == "lora_a" else "lora_B"
+        for name, part in zip(names, parts):
+            module = name.removesuffix(".weight")
+            out[f"base_model.model.{module}.{suffix}.weight"] = np.ascontiguousarray(part.T)
+    if not out:
+        raise UserError("the model has no LoRA adapters (train with --config.lora.rank > 0 to export --peft)")
+    return out
+
+
+def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str, rank: int, alpha: float,
+                      targets: tuple[str, ...], tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(adapter_tensors(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+                  "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": sorted(targets),
+                  "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+                  "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_dir is not None:
+            from percausal_jax.hf.checkpoint import _write_tokenizer
+
+            _write_tokenizer(tokenizer_dir, tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

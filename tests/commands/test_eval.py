@@ -1,0 +1,53 @@
+"""`percausal eval`: predictions and metrics files, for a model directory and for a training run."""
+
+import json
+
+import pytest
+
+from percausal_jax import cli
+from tests.helpers import tiny_hf_model, tiny_tokenizer
+from tests.training.common import RECORDS, train_args
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    tiny_hf_model("llama", d / "model")
+    tiny_tokenizer(d / "model")
+    rows = [{**r, "personal_spans": [[0, 3]]} for r in RECORDS]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "model", d / "data.jsonl"
+
+
+def test_eval_model_dir_writes_predictions_and_metrics(model_and_data, tmp_path, capsys):
+    model, data = model_and_data
+    out = tmp_path / "preds.jsonl"
+    assert cli.main(["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--template", "none",
+                     "--max-new-tokens", "6", "--batch-size", "3", "--no-progress", "--task", "product_review"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in RECORDS]  # every record, in order, none dropped
+    assert all(set(r) == {"id", "task", "prompt", "prediction", "reference"} for r in rows)
+    assert rows[0]["reference"] == RECORDS[0]["completion"] and rows[0]["prompt"] == RECORDS[0]["prompt"]
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n"] == 4 and {"rouge1", "rougeL", "meteor", "span_recall"} <= set(metrics)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
+
+
+def test_eval_workdir_uses_the_trained_checkpoint(model_and_data, tmp_path):
+    model, data = model_and_data
+    work = tmp_path / "run"
+    assert cli.main(train_args(model, data, work, "ce", steps=2)) == 0
+    out = tmp_path / "p.jsonl"
+    assert cli.main(["eval", "--workdir", str(work), "--data", str(data), "--out", str(out), "--no-meteor",
+                     "--max-new-tokens", "4", "--no-progress", "--metrics", str(tmp_path / "m.json"),
+                     "--task", "LaMP-4"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"rouge1", "rougeL", "n"} and metrics["n"] == 4
+
+
+def test_eval_bad_data_is_exit_2(model_and_data, tmp_path, capsys):
+    model, _ = model_and_data
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "prompt": "a"}\n')
+    assert cli.main(["eval", "--model", str(model), "--data", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
