@@ -53,7 +53,8 @@ def run(args) -> int:
     call(["synth", "--out-dir", data, "--users", args.users, "--seed", 0])
 
     config = REPO / "configs" / "demo.py"
-    overrides = [f"--config.data.train={data / 'train.jsonl'}", f"--config.data.eval={data / 'test.jsonl'}"]
+    overrides = [f"--config.data.train={data / 'train.jsonl'}", f"--config.data.eval={data / 'test.jsonl'}",
+                 *_mesh_overrides(config)]
     if args.steps:
         overrides.append(f"--config.train.steps={args.steps}")
     for i, method in enumerate(METHODS):
@@ -99,6 +100,19 @@ def run(args) -> int:
                           preds=preds, scored=scored, notes=notes)
     _print_summary(results, time.perf_counter() - t_start, report)
     return 0
+
+
+def _mesh_overrides(config: Path) -> list[str]:
+    """Every local device in use: the batch over fsdp as far as it divides, the rest tensor-parallel."""
+    import math
+
+    import jax
+
+    from percausal_jax.config import load_config
+
+    n, batch = jax.device_count(), load_config(str(config)).train.global_batch_size
+    fsdp = math.gcd(batch, n)
+    return ["--config.mesh.data=1", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={n // fsdp}"]
 
 
 def _transformers_check(export: Path, prompt: str) -> str:

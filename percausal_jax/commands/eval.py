@@ -32,7 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from percausal_jax.commands.score import _tokenizer, _write_atomic
+    from percausal_jax.atomic import write_text
+    from percausal_jax.commands.score import _tokenizer
     from percausal_jax.data.featurize import FeaturizeConfig
     from percausal_jax.evaluation.evaluate import DecodeConfig, generate_for_records, read_eval_records, score
 
@@ -60,8 +61,8 @@ def run(args) -> int:
     rows = generate_for_records(model, tokenizer, records, fcfg, dcfg, progress=not args.no_progress)
     result = score(rows, records, args.task, meteor=not args.no_meteor)
     out = Path(args.out)
-    _write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     metrics_path = Path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")
-    _write_atomic(metrics_path, json.dumps(result, indent=2) + "\n")
+    write_text(metrics_path, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0

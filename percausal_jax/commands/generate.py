@@ -1,4 +1,4 @@
-"""``percausal generate``: greedy completion of a chat (or raw) prompt with a HF directory or the embedded model."""
+"""``percausal generate``: greedy completion (KV cache) of a chat (or raw) prompt with a HF directory or the embedded model."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from percausal_jax.evaluation.generate import greedy_generate
+    from percausal_jax.evaluation.generate import generate
     from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
     from percausal_jax.hf.gguf import resolve_model_arg
 
@@ -36,8 +36,8 @@ def run(args) -> int:
         ids = tokenizer(args.prompt)["input_ids"]
     model = load_pretrained(model_dir, dtype=args.dtype)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    (completion,) = greedy_generate(model, [list(ids)], args.max_new_tokens, eos_ids=eos,
-                                    pad_id=tokenizer.pad_token_id or 0)
+    (completion,) = generate(model, [list(ids)], args.max_new_tokens, eos_ids=tuple(eos),
+                             pad_id=tokenizer.pad_token_id or 0)
     print(f"prompt: {args.prompt}")
     print(f"completion: {tokenizer.decode(completion, skip_special_tokens=True).strip()}")
     return 0

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from percausal_jax.errors import UserError
@@ -35,6 +33,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from percausal_jax.atomic import write_text
     from percausal_jax.data import chat, records
     from percausal_jax.data.pairing import pair_example
     from percausal_jax.data.prompts import Prompt
@@ -69,11 +68,11 @@ def run(args) -> int:
                "completion_ids": list(ex.response_ids),
                "tokens": [tokenizer.decode([t]) for t in ex.response_ids], **s}
         scored.append({k: rec[k] for k in OUTPUT_KEYS})
-    _write_atomic(Path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
+    write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
     if args.html:
         from percausal_jax.evaluation.heatmap import heatmap_page
 
-        _write_atomic(Path(args.html), heatmap_page(scored, args.clip_min, args.clip_max, args.delta))
+        write_text(Path(args.html), heatmap_page(scored, args.clip_min, args.clip_max, args.delta))
     print(f"scored {len(scored)} examples -> {args.out}" + (f", {args.html}" if args.html else ""))
     return 0
 
@@ -85,15 +84,3 @@ def _tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # noqa: BLE001 - any failure here means the directory lacks usable tokenizer files
         raise UserError(f"{model_dir}: no usable tokenizer files ({type(e).__name__})") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

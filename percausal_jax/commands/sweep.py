@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from percausal_jax import cli
-    from percausal_jax.commands.score import _write_atomic
+    from percausal_jax.atomic import write_text
     from percausal_jax.errors import UserError
     from percausal_jax.evaluation.wordnet import available
 
@@ -56,11 +56,11 @@ def run(args) -> int:
             cells.setdefault(obj, {})[f"{lr:g}"] = json.loads((work / "preds.metrics.json").read_text())
     best = {obj: max(by_lr.items(), key=lambda kv: kv[1].get(args.metric, float("-inf")))
             for obj, by_lr in cells.items()}
-    _write_atomic(out / "sweep.json", json.dumps({"metric": args.metric, "best": {o: {"lr": lr, **m} for o, (lr, m)
+    write_text(out / "sweep.json", json.dumps({"metric": args.metric, "best": {o: {"lr": lr, **m} for o, (lr, m)
                                                                                   in best.items()}, "cells": cells},
                                                  indent=2))
     table = markdown(cells, best, args.metric, lrs)
-    _write_atomic(out / "sweep.md", table)
+    write_text(out / "sweep.md", table)
     print(table)
     return 0
 

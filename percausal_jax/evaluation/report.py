@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from percausal_jax.atomic import write_text
 from percausal_jax.evaluation.heatmap import heatmap_section, summary
 
 METRICS = ("rouge1", "rougeL", "meteor", "span_recall", "eval_nll", "n")
@@ -99,9 +100,4 @@ ones less likely; hover for values. Mean PIR {s['mean_pir']:.3f}; clipped at m={
 at M={clip[1]}: {s['frac_clip_max']:.1%}; NextQuill up-weighted (DCE &gt; {delta}): {s['frac_upweighted']:.1%}.</p>
 {heatmap_section(scored)}
 <script>{script}</script></body></html>"""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text(out, page)

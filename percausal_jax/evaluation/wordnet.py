@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from percausal_jax.atomic import atomic_dir
 from percausal_jax.errors import UserError
 from percausal_jax.hf.gguf import cache_dir
 
@@ -127,18 +126,10 @@ def _build(dest: Path) -> None:
     with FileLock(str(dest) + ".lock"):
         if _complete(dest):  # another process built it while we waited
             return
-        tmp = Path(tempfile.mkdtemp(prefix=".wordnet.tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(dest) as tmp:
             for name in FILES:
                 shutil.copyfile(DEBIAN_DIR / name, tmp / name)
             (tmp / "lexnames").write_text(lexnames(LEXNAMES_MAN))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def lexnames(man_page: Path) -> str:

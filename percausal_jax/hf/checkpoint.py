@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from percausal_jax.atomic import atomic_dir
 from percausal_jax.errors import UserError
 from percausal_jax.models.config import ModelConfig
 from percausal_jax.models.decoder import CausalLM
@@ -202,10 +202,7 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any 
 
     ``tokenizer``: a transformers tokenizer (``save_pretrained``) or a directory whose tokenizer files are copied.
     """
-    out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size, total = 0, 0
         dtype_name = None
@@ -235,11 +232,7 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any 
                **cfg.generation_config}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
         _write_tokenizer(tokenizer, tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().resolve()
 
 
 def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
@@ -252,14 +245,3 @@ def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
                 shutil.copy2(src / f, dest / f)
     else:
         tokenizer.save_pretrained(str(dest))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Moves ``tmp`` to ``out``; an existing ``out`` is swapped out first and removed only after the move."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

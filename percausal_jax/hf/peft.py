@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -19,7 +17,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from percausal_jax.errors import UserError
-from percausal_jax.hf.checkpoint import _replace_dir, hf_tensor_names
+from percausal_jax.atomic import atomic_dir
+from percausal_jax.hf.checkpoint import _write_tokenizer, hf_tensor_names
 
 
 def adapter_tensors(model) -> dict[str, np.ndarray]:
@@ -41,10 +40,7 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
 
 def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str, rank: int, alpha: float,
                       targets: tuple[str, ...], tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(adapter_tensors(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
                   "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": sorted(targets),
@@ -52,11 +48,5 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str, ran
                   "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_dir is not None:
-            from percausal_jax.hf.checkpoint import _write_tokenizer
-
             _write_tokenizer(tokenizer_dir, tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().resolve()

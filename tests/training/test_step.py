@@ -68,7 +68,7 @@ def _torch_step(torch_model, examples, objective, alpha=0.1):
     import torch
 
     m = copy.deepcopy(torch_model).train()
-    nll_all, lpp, lpc, zp, zc = [], [], [], [], []
+    lpp, lpc, zp, zc = [], [], [], []
     for e in examples:
         r = torch.tensor(e.response_ids)
         for prompt, lp_list, z_list in ((e.prompt_ids, lpp, zp), (e.prompt_no_profile_ids, lpc, zc)):
