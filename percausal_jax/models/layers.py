@@ -159,24 +159,42 @@ def _xla_attention(q, k, v, mask, scale: float, softcap: float | None) -> jax.Ar
 
 
 def _splash_attention(q, k, v, segment_ids, cfg: ModelConfig, sliding) -> jax.Array:
-    """Pallas splash attention on TPU (flag ``attention_impl='splash'``); causal, segment-aware, per-layer window."""
+    """Pallas splash attention on TPU (``attention_impl='splash'``): causal, segment-aware, per-layer window.
+
+    Mosaic kernels are not auto-partitioned, so under a mesh (``jax.set_mesh``) the kernel runs per shard in a
+    ``shard_map``: batch over ``(data, fsdp)``, heads over ``tensor`` when they divide.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     if cfg.attn_logit_softcap is not None or cfg.sliding_window is not None and not isinstance(sliding, bool):
         raise ValueError("splash attention needs a static window per layer and no soft-capping: use scan_layers=False")
     B, L, H, Dh = q.shape
-    if sliding and cfg.sliding_window is not None:
-        base = sm.LocalMask((L, L), window_size=(cfg.sliding_window - 1, 0), offset=0)
-    else:
-        base = sm.CausalMask((L, L))
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * H), head_shards=1, q_seq_shards=1)
     rep = H // k.shape[2]
     qh = jnp.swapaxes(q * jnp.asarray(cfg.attn_scale, q.dtype), 1, 2)  # [B, H, L, Dh]
     kh = jnp.repeat(jnp.swapaxes(k, 1, 2), rep, axis=1)
     vh = jnp.repeat(jnp.swapaxes(v, 1, 2), rep, axis=1)
-    seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
-    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
+
+    def kernel(qh, kh, vh, seg):
+        heads = qh.shape[1]
+        if sliding and cfg.sliding_window is not None:
+            base = sm.LocalMask((L, L), window_size=(cfg.sliding_window - 1, 0), offset=0)
+        else:
+            base = sm.CausalMask((L, L))
+        attn = sk.make_splash_mha(sm.MultiHeadMask([base] * heads), head_shards=1, q_seq_shards=1)
+        return jax.vmap(attn)(qh, kh, vh, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = kernel(qh, kh, vh, segment_ids)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and B % mesh.shape[a] == 0)
+        heads = "tensor" if "tensor" in mesh.axis_names and H % mesh.shape["tensor"] == 0 else None
+        spec = P(batch or None, heads, None, None)
+        out = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None, None)), out_specs=spec,
+                            check_vma=False)(qh, kh, vh, segment_ids)
     return jnp.swapaxes(out, 1, 2)
 
 

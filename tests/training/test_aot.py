@@ -36,3 +36,29 @@ def test_without_libtpu_the_error_says_how_to_get_it(setup):
 def test_bad_topology_name():
     with pytest.raises(UserError, match="expected e.g. v5p:2x4x4"):
         aot.tpu_devices("h100:8")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (pip install ".[tpu]" enables AOT for TPUs)')
+def test_splash_attention_compiles_for_tpu_under_a_mesh():
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from percausal_jax.models.config import ModelConfig
+    from percausal_jax.models.decoder import CausalLM
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    _, devices = aot.tpu_devices("v5e:2x2")
+    mesh = Mesh(np.asarray(devices).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+    cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+    gd, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, dtype=jnp.bfloat16, attention_impl="splash")))
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), state)
+    ids = jax.ShapeDtypeStruct((4, 512), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(lambda s, x: nnx.merge(gd, s)(x)).lower(state, ids).compile()
+    assert compiled.as_text().count("tpu_custom_call") == 2  # one splash kernel per layer
