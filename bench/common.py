@@ -92,10 +92,15 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
     """Replaces (or appends) the ``## title`` section of RESULTS.md: everything from that heading to the next
     ``## `` heading. Creates the file with its header and the (empty) AOT heading when missing. Never writes
     under the AOT heading."""
-    from filelock import FileLock
+    try:
+        from filelock import FileLock
+        lock = FileLock(str(path) + ".lock")
+    except ImportError:  # GPU machine without filelock: one writer at a time is the caller's business
+        import contextlib
+        lock = contextlib.nullcontext()
 
     heading = f"## {title}"
-    with FileLock(str(path) + ".lock"):
+    with lock:
         text = path.read_text() if path.exists() else RESULTS_HEADER + "\n" + AOT_HEADING + "\n"
         if AOT_HEADING not in text:
             text = text.rstrip("\n") + "\n\n" + AOT_HEADING + "\n"
