@@ -15,7 +15,7 @@ Scores compared, per token:
 Reported: AUROC, best-threshold F1 (the threshold chosen on the same data: an upper bound), and F1 at the rule the
 methods use (PIR > 0, DCE > 0.05 = NextQuill's δ, overlap > 0).
 
-    .venv/bin/python bench/identification.py                   # 12 users × 4 completions
+    .venv/bin/python bench/identification.py                   # 15 users × 4 completions
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--users", type=int, default=12)
+    ap.add_argument("--users", type=int, default=15)
     ap.add_argument("--per-user", type=int, default=4, help="completions per user")
     ap.add_argument("--profile-items", type=int, default=6)
     ap.add_argument("--k", type=int, default=2, help="profile items in the personal prompt")

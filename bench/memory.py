@@ -86,6 +86,13 @@ def main() -> None:
     print(table)
     print(f"total {time.time() - t_all:.0f} s")
     state_bytes = 3 * 4 * mc.num_params()
+    layer_grad = 4 * (mc.num_params() - 2 * mc.vocab_size * mc.hidden_size - mc.hidden_size)
+    nq_extra = []
+    for remat in args.remat.split(","):
+        for Lp in (int(x) for x in args.lengths.split(",")):
+            if (remat, Lp, "nextquill") in peaks and (remat, Lp, "ce") in peaks:
+                nq_extra.append(f"{remat}/{Lp}: +{gib(peaks[(remat, Lp, 'nextquill')] - peaks[(remat, Lp, 'ce')])}")
+    scores = 4 * args.batch * args.heads * max(int(x) for x in args.lengths.split(",")) ** 2
     body = "\n".join([
         info_block({**info, "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
                     f"/ {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, {mc.num_params() / 1e6:.1f}M "
@@ -100,6 +107,16 @@ def main() -> None:
         "outputs alias the donated state. 'temp' is what the step needs beyond that: activations saved for the "
         "backward pass, gradients, logits. CPU compilation: the TPU/GPU buffer assignment differs (see the AOT "
         "plans section for TPU), but the scaling with Lp and the objective-to-objective ratios carry over.",
+        "",
+        "Reading: PerCE's peak equals CE's (≤ 0.1%): the counterfactual pass runs without gradient and its "
+        "activations are dead before the backward pass. NextQuill needs more (GiB over CE, remat/Lp: "
+        + ", ".join(nq_extra) + f"), about one extra copy of the stacked layer gradients ({gib(layer_grad)} GiB "
+        "fp32): each pass is its own `lax.scan` over the layers, and the backward of each produces a full stacked "
+        "gradient before the two are added, plus the counterfactual activations kept for its backward. With remat "
+        "'none' the temp grows ~quadratically in Lp: the 'xla' attention materializes fp32 scores and "
+        f"probabilities [B, heads, L, L] per layer ({gib(scores)} GiB per layer per tensor at Lp = "
+        f"{max(int(x) for x in args.lengths.split(','))}), all saved for the backward pass; remat 'full' keeps "
+        "only layer inputs (temp ≈ gradients + one layer's recompute).",
     ])
     if not args.no_write:
         write_section("Memory (compiled memory_analysis, CPU)", body)

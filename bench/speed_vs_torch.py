@@ -19,6 +19,7 @@ PerCE, full logits at response positions only for NextQuill), optax clip_by_glob
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -128,6 +129,37 @@ def make_torch_steps(model, opt, clip: float):
     return {"perce": perce_step, "nextquill": nextquill_step}
 
 
+# ------------------------------------------------------------------------------------------------- FLOP model
+
+
+def analytic_flops(mc, objective: str, B: int, ours_shapes: tuple, theirs_shapes: dict) -> tuple[float, float]:
+    """Matmul + attention FLOPs of one step (``aot.forward_flops``; backward = 2× forward): ours runs the head at
+    the R response positions only, the reference at every position of its padded sequences (full logits)."""
+    from percausal_jax.training.aot import forward_flops
+
+    Lp, Lc, R = ours_shapes
+    (_, Lpt), (_, Lct) = theirs_shapes[objective]
+    if objective == "perce":
+        ours = 3 * forward_flops(mc, B, Lp, R) + forward_flops(mc, B, Lc, R)
+        theirs = 3 * forward_flops(mc, B, Lpt, Lpt) + forward_flops(mc, B, Lct, Lct)
+    else:
+        ours = 3 * forward_flops(mc, B, Lp, R) + 3 * forward_flops(mc, B, Lc, R)
+        theirs = 3 * forward_flops(mc, B, Lpt, Lpt) + 3 * forward_flops(mc, B, Lct, Lct)
+    return ours, theirs
+
+
+def analysis_text(mc, objectives, B, ours_shapes, theirs_shapes, measured: dict) -> str:
+    lines = []
+    for o in objectives:
+        fo, ft = analytic_flops(mc, o, B, ours_shapes, theirs_shapes)
+        m = measured.get(o)
+        lines.append(f"- {o}: analytic step FLOPs ours {fo:.3e}, reference {ft:.3e} → the speed-up a perfect "
+                     f"implementation gets from doing less work at equal FLOP/s is {ft / fo:.2f}×"
+                     + (f"; measured {m:.2f}× → ours runs at {m / (ft / fo):.2f}× the reference's FLOP/s "
+                        "(XLA:CPU vs PyTorch/oneDNN)" if m else ""))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -185,12 +217,14 @@ def main() -> None:
     real_tokens = {o: sum(e.personal_len + e.counterfactual_len for e in examples) for o in objectives}
 
     ours, states = {}, {}
-    for o in objectives:
+
+    def setup_ours(o):  # one objective's state at a time: two live JAX states + torch OOM'd a 24 GiB machine
         step = make_train_step(graphdef, tx, optax.constant_schedule(args.lr), o, obj_cfg,
                                chunk_size=args.chunk_size)
         states[o] = init_state(jax.tree.map(jnp.copy, params), tx)
         ours[o] = jit_train_step(step, states[o])
-    del jmodel, params
+
+    del jmodel
 
     # theirs
     tmodel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -215,18 +249,20 @@ def main() -> None:
 
     times = {(o, s): [] for o in objectives for s in ("ours", "theirs")}
     first = {}
-    for o in objectives:
+    for o in objectives:  # objective by objective; within one, strictly alternating ours / theirs
+        setup_ours(o)
         t, loss = run_ours(o)  # includes compile
         first[o] = t
         print(f"[{o}] ours compile + first step {t:.1f} s (loss {loss:.4f})", flush=True)
         for _ in range(args.warmup):
             print(f"[{o}] warm-up ours {run_ours(o)[0]:.2f} s, theirs {run_theirs(o)[0]:.2f} s", flush=True)
-    for r in range(args.rounds):
-        for o in objectives:
+        for r in range(args.rounds):
             (to, lo), (tt, lt) = run_ours(o), run_theirs(o)
             times[(o, "ours")].append(to)
             times[(o, "theirs")].append(tt)
             print(f"round {r} [{o}] ours {to:.2f} s (loss {lo:.4f}), theirs {tt:.2f} s (loss {lt:.4f})", flush=True)
+        del states[o], ours[o]
+        gc.collect()
 
     rows = []
     verdict = []
@@ -242,6 +278,10 @@ def main() -> None:
                "total tok/s", "ours / theirs (tok/s)"]
     table = md_table(headers, rows)
     print(table)
+    analysis = analysis_text(mc, objectives, args.batch, (Lp, Lc, R), shapes_t,
+                             {o: statistics.median(times[(o, "theirs")]) / statistics.median(times[(o, "ours")])
+                              for o in objectives})
+    print(analysis)
     all_times = "; ".join(f"{o} {s}: " + ", ".join(f"{x:.2f}" for x in v) for (o, s), v in times.items())
     body = "\n".join([
         info_block({**info, "model": f"{os.path.basename(str(model_dir).rstrip('/'))} (real weights, fp32, "
@@ -251,14 +291,17 @@ def main() -> None:
                     "batch": f"B={args.batch}, personal prompt {args.personal_prompt}±{args.jitter}, counterfactual "
                     f"prompt ~{args.cf_prompt}, response ~{args.response} tokens (random ids); "
                     f"{resp_tokens} response tokens, {real_tokens[objectives[0]]} real tokens over both passes",
-                    "protocol": f"compile + {args.warmup} warm-up step(s) per side, then {args.rounds} rounds "
-                    "alternating ours/theirs per objective in one process; tokens/s = real (unpadded) tokens / "
+                    "protocol": f"per objective: compile + {args.warmup} warm-up step(s) per side, then "
+                    f"{args.rounds} rounds alternating ours/theirs, all in one process; tokens/s = real (unpadded) tokens / "
                     "median step time, the same token counts for both sides",
                     "ours compile + first step (s)": ", ".join(f"{o} {first[o]:.1f}" for o in objectives)}),
         "",
         table,
         "",
         f"All step times (s): {all_times}",
+        "",
+        "Work done per step (where the target can come from):",
+        analysis,
         "",
         f"Target ≥ {TARGET}× tokens/s: " + "; ".join(verdict) + ". The machine is a shared 2-core VM that other "
         "jobs were loading (see load average above); both sides were measured alternately so the load affects "
