@@ -325,7 +325,8 @@ def main() -> None:
         "both alike.",
     ])
     if not args.no_write:
-        write_section("Speed vs the PyTorch reference (CPU)", body)
+        write_section("Speed vs the PyTorch reference (CPU" + (", ours with scan_layers=False" if args.no_scan
+                                                               else "") + ")", body)
 
 
 if __name__ == "__main__":
