@@ -105,7 +105,7 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
         if AOT_HEADING not in text:
             text = text.rstrip("\n") + "\n\n" + AOT_HEADING + "\n"
         section = heading + "\n\n" + body.strip("\n") + "\n\n"
-        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
         if pattern.search(text):
             text = pattern.sub(lambda _: section, text, count=1)
         else:  # new sections go before the AOT heading (owned by someone else) so it stays last

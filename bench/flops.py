@@ -28,8 +28,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import (abstract_batch, abstract_model, collate_examples, compile_train_step, flops_of, info_block,
-                    llama_config, machine_info, md_table, synthetic_examples, write_section)
+from common import (
+    abstract_batch,
+    abstract_model,
+    collate_examples,
+    compile_train_step,
+    flops_of,
+    info_block,
+    llama_config,
+    machine_info,
+    md_table,
+    synthetic_examples,
+    write_section,
+)
 
 OBJECTIVES = ("ce", "perce", "nextquill")
 TARGET = 1.02
@@ -93,7 +104,7 @@ def main() -> None:
     rows, notes = [], []
     t_all = time.time()
     for case, ratio in (("short profile", args.short_ratio), ("long profile", args.long_ratio)):
-        pp = int(round(args.cf_prompt * ratio))
+        pp = round(args.cf_prompt * ratio)
         examples = synthetic_examples(args.batch, pp, args.cf_prompt, args.response, args.vocab, seed=0)
         batch = collate_examples(examples)
         babs = abstract_batch(batch)
@@ -141,22 +152,22 @@ def main() -> None:
         "",
         *notes,
         "",
-        f"Target ratio ÷ floor ≤ {TARGET}: **{'met' if met else 'NOT met'}** (judged on the xla floor, which uses "
+        (f"Target ratio ÷ floor ≤ {TARGET}: **{'met' if met else 'NOT met'}** (judged on the xla floor, which uses "
         "XLA's own counting on both sides; the analytic floor counts matmuls and attention only, no norms, RoPE, "
         "softmax or optimizer, hence ratio ÷ analytic floor slightly below 1). PerCE costs exactly CE + one "
         "forward of the counterfactual pass (no backward through it, no extra head work); NextQuill costs "
         "exactly CE + forward and backward of the counterfactual pass: its full logits exist only at the B·R "
         "response positions (never [B, L, V]), and its alignment term (logsumexp of z_h − z_0 over V) adds "
-        "only elementwise work (< 0.1% here).",
+        "only elementwise work (< 0.1% here)."),
         "",
-        "Caveats: the head runs as one vocabulary chunk here because XLA counts a `lax.scan` body once (with the "
+        ("Caveats: the head runs as one vocabulary chunk here because XLA counts a `lax.scan` body once (with the "
         "default chunk 8192 and V = 32000 the counted FLOPs of the head drop ~4×, an accounting artifact, not a "
         "saving). The chunk body is wrapped in `jax.checkpoint`; with one chunk XLA's count shows no extra head "
         "matmul for the recompute (CE with the chunked head = CE with full logits, checked separately), with "
         "several chunks the recompute is one extra head forward per differentiated pass (≈ "
         f"{2 * args.batch * args.response * args.hidden * args.vocab:.2e} FLOPs, "
         "1.4–4.4% of the CE step above) — the price of never materializing [B, R, V]. Shapes: 'personal prompt "
-        "≈ 10×' is on the prompt; with the shared 128-token response the long-profile sequences are 768 vs 192.",
+        "≈ 10×' is on the prompt; with the shared 128-token response the long-profile sequences are 768 vs 192."),
     ])
     if not args.no_write:
         write_section("FLOP floor (compiled cost analysis)", body)

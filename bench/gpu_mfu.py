@@ -82,7 +82,9 @@ def bootstrap_imports() -> list[str]:
 
 def forward_flops(mc, batch: int, seq: int, response: int) -> float:
     try:
-        from percausal_jax.training.aot import forward_flops as f  # needs safetensors (hf.checkpoint)
+        from percausal_jax.training.aot import (
+            forward_flops as f,  # needs safetensors (hf.checkpoint)
+        )
 
         return f(mc, batch, seq, response)
     except ImportError:  # same formula as aot.forward_flops
@@ -120,7 +122,7 @@ def build(mc, remat: str, attention: str, dtype):
 
     from percausal_jax.models.decoder import CausalLM
 
-    make = lambda: CausalLM(mc, dtype=dtype, param_dtype=jnp.float32, scan_layers=True,  # noqa: E731
+    make = lambda: CausalLM(mc, dtype=dtype, param_dtype=jnp.float32, scan_layers=True,
                             remat_policy=remat, attention_impl=attention, rngs=nnx.Rngs(0))
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.split(make())[1])()  # initialized on the device, never on the host
@@ -196,8 +198,14 @@ def main() -> None:
     stubbed = bootstrap_imports()
     import jax
     import jax.numpy as jnp
-
-    from common import collate_examples, info_block, llama_config, machine_info, md_table, synthetic_examples
+    from common import (
+        collate_examples,
+        info_block,
+        llama_config,
+        machine_info,
+        md_table,
+        synthetic_examples,
+    )
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     mc = llama_config(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
@@ -257,16 +265,16 @@ def main() -> None:
                    f"{'met' if pc >= ce * (1 - TARGET_PERCE_REL) else 'NOT met'} ({pct(pc)} vs {pct(ce)}).")
     print(table)
     print(verdict)
-    shape = (f"random Llama {mc.num_params() / 1e9:.3f}B (hidden {args.hidden}, {args.layers} layers, {args.heads} "
+    shape = (f"random Llama {mc.num_params() / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, {args.heads} "
              f"heads / {args.kv_heads} KV, ffn {args.ffn}, vocab {args.vocab}), {args.dtype} compute, fp32 params, "
              f"scan_layers=True, AdamW + clip 1.0; B={B}, Lp={Lp}, Lc={Lc}, R={R}; peak "
              f"{'n/a' if not peak else f'{peak / 1e12:.0f} TFLOP/s'}; {args.warmup} warm-up + {args.steps} timed steps")
     if args.dry_run:
         body = "\n".join([
-            "**No GPU machine was lent to this task, so no MFU numbers were measured.** The script is ready for "
+            ("**No GPU machine was lent to this task, so no MFU numbers were measured.** The script is ready for "
             "one (`python bench/gpu_mfu.py` on an H100/H200: ~1.1B Llama, seq 2048, bf16, cuDNN attention; it "
             "needs only jax[cuda], flax, optax, numpy and this repository). Below: a `--dry-run` on this CPU with "
-            "a tiny config, only to show the script executes end to end (the numbers mean nothing).",
+            "a tiny config, only to show the script executes end to end (the numbers mean nothing)."),
             "",
             info_block({**info, "config": shape}),
             "",

@@ -26,7 +26,6 @@ import re
 import time
 
 import numpy as np
-
 from common import info_block, machine_info, md_table, write_section
 
 _UNIT = re.compile(r"\w+|[^\w\s]")
@@ -118,14 +117,12 @@ def main() -> None:
     t_score = time.time() - t0
 
     labels, pir, dce, ov_bin, ov_grad = [], [], [], [], []
-    n_checked = 0
     for rec, ex, sc in zip(kept, examples, scores):
         ids = ex.response_ids[:-1]  # drop EOS
         text = rec["output"]
         spans = token_spans(tok, ids)
         if tok.decode(list(ids)) != text:
             raise SystemExit(f"{rec['id']}: decoded completion differs from the output text")
-        n_checked += 1
         profile = [set(_UNIT.findall(item["text"].lower())) for item in rec["profile"]]
         for i, (a, b) in enumerate(spans):
             labels.append(any(a < e and s < b for s, e in rec["personal_spans"]))
@@ -168,12 +165,12 @@ def main() -> None:
         "",
         table,
         "",
-        f"{extra}. Best-threshold F1 picks the threshold on the evaluated tokens themselves (an optimistic upper "
+        (f"{extra}. Best-threshold F1 picks the threshold on the evaluated tokens themselves (an optimistic upper "
         "bound); 'F1 at rule' uses each method's own decision rule. The overlap baselines see the user's whole "
         f"profile ({args.profile_items} items), the model only the {args.k} retrieved items. On this synthetic "
         "set the style is planted lexically (every personal span occurs verbatim in every profile text), which "
         "is the best case for word overlap; generic review sentences are also shared across profiles, which is "
-        "what costs the binary overlap its precision.",
+        "what costs the binary overlap its precision."),
     ])
     if not args.no_write:
         write_section("Identification of personal tokens (synthetic, SmolLM2, no training)", body)

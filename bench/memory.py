@@ -13,8 +13,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import (abstract_model, compile_train_step, gib, info_block, llama_config, machine_info, md_table,
-                    write_section)
+from common import (
+    abstract_model,
+    compile_train_step,
+    gib,
+    info_block,
+    llama_config,
+    machine_info,
+    md_table,
+    write_section,
+)
 
 OBJECTIVES = ("ce", "perce", "nextquill")
 
@@ -23,7 +31,7 @@ def abstract_paired_batch(B: int, Lp: int, Lc: int, R: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    seq = lambda L: {k: jax.ShapeDtypeStruct((B, L), jnp.int32)  # noqa: E731
+    seq = lambda L: {k: jax.ShapeDtypeStruct((B, L), jnp.int32)
                      for k in ("tokens", "positions", "segment_ids")}
     resp = {k: jax.ShapeDtypeStruct((B, R), dt) for k, dt in (
         ("ids", jnp.int32), ("weight", jnp.float32), ("seq_weight", jnp.float32), ("index_personal", jnp.int32),
@@ -103,10 +111,10 @@ def main() -> None:
         "",
         table,
         "",
-        f"Arguments = parameters + AdamW moments ({gib(state_bytes)} GiB for fp32 params + 2 moments) + batch; "
+        (f"Arguments = parameters + AdamW moments ({gib(state_bytes)} GiB for fp32 params + 2 moments) + batch; "
         "outputs alias the donated state. 'temp' is what the step needs beyond that: activations saved for the "
         "backward pass, gradients, logits. CPU compilation: the TPU/GPU buffer assignment differs (see the AOT "
-        "plans section for TPU), but the scaling with Lp and the objective-to-objective ratios carry over.",
+        "plans section for TPU), but the scaling with Lp and the objective-to-objective ratios carry over."),
         "",
         "Reading: PerCE's peak equals CE's (≤ 0.1%): the counterfactual pass runs without gradient and its "
         "activations are dead before the backward pass. NextQuill needs more (GiB over CE, remat/Lp: "
