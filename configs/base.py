@@ -27,7 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.template = "chat"  # chat | none
     c.data.counterfactual_mode = "drop"  # drop | placeholder
     c.data.retriever = "bm25"  # bm25 | recency | random | contriever
-    c.data.retriever_path = ""  # contriever encoder dir
+    c.data.retriever_path = ""  # contriever encoder: hub id, local or gs:// dir (data.retriever="contriever")
+    c.data.retriever_revision = ""  # hub revision (commit / branch) of retriever_path; "" = main
+    c.data.strict = False  # True: a record with an empty required field is an error, not a skip
+    c.data.task = ""  # every record must be of this task (e.g. product_review); "" = any
     c.data.k = 4
     c.data.max_prompt_len = 1024
     c.data.max_response_len = 512

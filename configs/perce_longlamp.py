@@ -40,6 +40,8 @@ def get_config(arg: str = "review,qwen3-4b"):
     c.data.template = "chat"
     c.data.retriever = "contriever"
     c.data.retriever_path = "facebook/contriever"
+    # main holds only a pickle (pytorch_model.bin, never read here); this commit adds model.safetensors
+    c.data.retriever_revision = "970b380340c2e3fac6eba814e23e906e3635c8ae"
     c.data.k = 4
     c.data.max_prompt_len = 4488  # + response 512 = the paper's 5,000-token input limit
     c.data.max_response_len = 512
@@ -53,5 +55,5 @@ def get_config(arg: str = "review,qwen3-4b"):
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.03
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-    c.task = TASKS[task]
+    c.data.task = TASKS[task]  # records of another task are an error
     return c

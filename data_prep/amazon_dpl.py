@@ -1,49 +1,46 @@
 """Amazon reviews as processed by DPL (used by NextQuill) → canonical ``amazon_review`` JSONL
 (logic: percausal_jax.data.sources).
 
-    python data_prep/amazon_dpl.py --category Books --split train --out train.jsonl      # fetch with `datasets`
+    python data_prep/amazon_dpl.py --category Books --split train --out train.jsonl      # from the hub
     python data_prep/amazon_dpl.py --main main.jsonl --meta meta.jsonl --out train.jsonl  # local JSONL/parquet
+    python data_prep/amazon_dpl.py --main DIR_MAIN --meta DIR_META --category Books --split val --out val.jsonl
+
+``--main`` / ``--meta``: files, folders (local or ``gs://``; a snapshot root with one sub-folder per category, or
+one category's folder) or hub ids, default ``SnowCharmQ/DPL-main`` / ``SnowCharmQ/DPL-meta`` (only the category's
+``{split}`` and ``full`` parquet files are downloaded, into the Hugging Face cache).
 """
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 from percausal_jax.data import sources
-from percausal_jax.data.records import write_jsonl
+from percausal_jax.data.files import write_jsonl
+from percausal_jax.data.records import SkipReport
 from percausal_jax.errors import UserError
-
-
-def fetch(category: str, split: str, folder: Path) -> tuple[Path, Path]:
-    """Downloads SnowCharmQ/DPL-main (split) and DPL-meta (split "full") for one category as parquet."""
-    from datasets import load_dataset
-
-    main, meta = folder / f"{category}-{split}.parquet", folder / f"{category}-meta.parquet"
-    load_dataset("SnowCharmQ/DPL-main", category, split=split).to_parquet(str(main))
-    load_dataset("SnowCharmQ/DPL-meta", category, split="full").to_parquet(str(meta))
-    return main, meta
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--category", help="Books, Movies_and_TV or CDs_and_Vinyl (download)")
-    p.add_argument("--split", choices=("train", "val", "test"), help="split to download")
-    p.add_argument("--main", type=Path, help="local DPL-main rows (.jsonl/.parquet)")
-    p.add_argument("--meta", type=Path, help="local DPL-meta rows (.jsonl/.parquet)")
-    p.add_argument("--out", type=Path, required=True, help="output .jsonl")
+    p.add_argument("--category", help=f"DPL category (hub config / sub-folder): {', '.join(sources.DPL_CATEGORIES)}")
+    p.add_argument("--split", choices=sources.DPL_SPLITS, help="split of DPL-main")
+    p.add_argument("--main", help=f"DPL-main rows: file, folder or hub id (default {sources.DPL_MAIN_HUB_ID})")
+    p.add_argument("--meta", help=f"DPL-meta rows: file, folder or hub id (default {sources.DPL_META_HUB_ID})")
+    p.add_argument("--out", required=True, help="output .jsonl (local path or gs:// URL)")
+    p.add_argument("--strict", action="store_true", help="rows with an empty review text are errors, not skipped")
     args = p.parse_args(argv)
-    local = args.main is not None and args.meta is not None
-    if local == (args.category is not None and args.split is not None):
-        p.error("give either --main and --meta (local files) or --category and --split (download)")
+    if (args.main is None or args.meta is None) and (args.category is None or args.split is None):
+        p.error("give --main and --meta (files or folders), or --category and --split (hub download)")
+    report = SkipReport()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            main_path, meta_path = (args.main, args.meta) if local else fetch(args.category, args.split, Path(tmp))
-            n = write_jsonl(args.out, sources.read_amazon(main_path, meta_path))
+        main_files, meta_files = sources.find_amazon(args.main or sources.DPL_MAIN_HUB_ID,
+                                                     args.meta or sources.DPL_META_HUB_ID,
+                                                     split=args.split, config=args.category)
+        n = write_jsonl(args.out, sources.read_amazon(main_files, meta_files, strict=args.strict, report=report))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     print(f"wrote {n} canonical records to {args.out}")
+    print(report.table())
     return 0
 
 

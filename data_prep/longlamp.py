@@ -1,50 +1,45 @@
 """LongLaMP → canonical JSONL, one config and split at a time (logic: percausal_jax.data.sources).
 
-    python data_prep/longlamp.py --config product_review_user --split val --out val.jsonl   # fetch with `datasets`
-    python data_prep/longlamp.py --raw DIR_OR_PARQUET --split val --out val.jsonl           # local parquet files
+    python data_prep/longlamp.py --config product_review_user --split val --out val.jsonl   # from the hub
+    python data_prep/longlamp.py --input DIR --config product_review_user --split val --out val.jsonl  # snapshot
+    python data_prep/longlamp.py --input gs://bucket/longlamp/product_review_user --split val --out gs://b/val.jsonl
+
+``--input``: a hub dataset id (default ``LongLaMP/LongLaMP``; only ``{config}/{split}-*.parquet`` is downloaded,
+into the Hugging Face cache; ``HF_HUB_OFFLINE=1`` uses the cache alone), a snapshot root (``--config`` names the
+sub-folder), one config's folder, or a parquet/JSONL file; local or ``gs://``. ``--raw`` is the old name of
+``--input``. Record ids are ``{file stem}-{row}``, unique across the split's shards.
 """
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 from percausal_jax.data import sources
-from percausal_jax.data.records import write_jsonl
+from percausal_jax.data.files import write_jsonl
+from percausal_jax.data.records import SkipReport
 from percausal_jax.errors import UserError
-
-
-def fetch(config: str, split: str, folder: Path) -> Path:
-    """Downloads one split with `datasets` and stores it as parquet (record ids become {config}-{split}-{row})."""
-    from datasets import load_dataset
-
-    path = folder / f"{config}-{split}.parquet"
-    load_dataset("LongLaMP/LongLaMP", config, split=split).to_parquet(str(path))
-    return path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", choices=sources.LONGLAMP_CONFIGS, help="HF config to fetch (without --raw)")
+    p.add_argument("--input", help=f"hub id, folder or file (default {sources.LONGLAMP_HUB_ID})")
+    p.add_argument("--raw", help="same as --input (kept for old scripts)")
+    p.add_argument("--config", help=f"LongLaMP config: {', '.join(sources.LONGLAMP_CONFIGS)}")
     p.add_argument("--split", choices=sources.LONGLAMP_SPLITS, required=True)
-    p.add_argument("--raw", type=Path, help="a local parquet/JSONL file, or a folder searched for the split's files")
-    p.add_argument("--out", type=Path, required=True, help="output .jsonl")
+    p.add_argument("--out", required=True, help="output .jsonl (local path or gs:// URL)")
+    p.add_argument("--strict", action="store_true", help="rows with an empty input/output are errors, not skipped")
     args = p.parse_args(argv)
-    if (args.raw is None) == (args.config is None):
-        p.error("give exactly one of --config (download) and --raw (local files)")
+    if args.input is not None and args.raw is not None:
+        p.error("give --input or --raw (the same option), not both")
+    source = args.input or args.raw or sources.LONGLAMP_HUB_ID
+    report = SkipReport()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            if args.raw is None:
-                files = [fetch(args.config, args.split, Path(tmp))]
-            else:
-                files = sources.longlamp_files(args.raw, args.split) if args.raw.is_dir() else [args.raw]
-            if not files:
-                raise UserError(f"{args.raw}: no parquet files for split {args.split!r}")
-            n = write_jsonl(args.out, sources.read_longlamp(files))
+        files = sources.find_longlamp(source, split=args.split, config=args.config)
+        n = write_jsonl(args.out, sources.read_longlamp(files, strict=args.strict, report=report))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     print(f"wrote {n} canonical records to {args.out}")
+    print(report.table())
     return 0
 
 

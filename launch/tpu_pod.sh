@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice: the SAME command runs on EVERY host (worker) of the slice.
 #
-#   TPU_NAME=my-v5p-64 ZONE=us-east5-a ./launch/tpu_pod.sh configs/perce_longlamp.py:review,qwen3-14b runs/prw \
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a ./launch/tpu_pod.sh configs/perce_longlamp.py:review,qwen3-14b gs://bucket/runs/prw \
 #       --config.data.train=gs://bucket/prepared/prw.train.jsonl
 #
 # Pitfall: running on one host only. Every host must run the program, or the hosts that did start hang in

@@ -22,3 +22,12 @@ def where(path: object, line: int | None = None, field: str | None = None) -> st
     if field is not None:
         s += f": field '{field}'"
     return s
+
+
+def describe(value: object) -> str:
+    """Short description of a bad value for error messages: its JSON type and a clipped repr."""
+    if value is None:
+        return "null"
+    names = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+    shown = repr(value)
+    return f"{names.get(type(value), type(value).__name__)} {shown[:40] + '...' if len(shown) > 40 else shown}"

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the tpu extra, for AOT) is installed: never probe for TPUs
 # The loopback GCS server (tests/gcs.py): its address is fixed now, before any client reads the environment; the
 # server itself starts on first use (fixture `gcs`). Each pytest-xdist worker has its own.
 from tests.gcs import GcsServer, free_port  # noqa: E402

@@ -61,3 +61,14 @@ def tiny_tokenizer(out_dir: Path | None = None, vocab_size: int = 200):
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
     return fast
+
+
+def hub_snapshot(cache: Path, repo_id: str, repo_type: str = "model", revision: str = "c" * 40) -> Path:
+    """An empty snapshot folder of ``repo_id`` at ``revision`` in a Hugging Face hub cache (the layout
+    huggingface_hub reads offline: ``{type}s--{org}--{name}/snapshots/{rev}`` and ``refs/main``)."""
+    root = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snap = root / "snapshots" / revision
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    return snap

@@ -24,7 +24,7 @@ def test_missing_model_dir_is_one_line_exit_2(tmp_path, capsys):
     rc = cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"])
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert err.count("\n") == 0 and "model directory not found" in err and "missing" in err
+    assert err.count("\n") == 0 and "no such model directory" in err and "missing" in err
 
 
 def test_convert_gguf_missing_file(tmp_path, capsys):

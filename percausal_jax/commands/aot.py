@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -15,6 +14,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from percausal_jax import storage
     from percausal_jax.config import load_config
     from percausal_jax.errors import UserError
     from percausal_jax.hf.checkpoint import read_config
@@ -24,13 +24,13 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     path = cfg.model.path
-    if Path(path).is_dir():
-        model_config = read_config(Path(path))
-    elif path in PRESETS:
+    try:  # a local / gs:// directory or a hub id: only its config.json is needed
+        resolved = storage.resolve_hf_dir(path, what="model directory", allow_patterns=["config.json"])
+        model_config = read_config(resolved.local)
+    except UserError as e:
+        if path not in PRESETS:
+            raise UserError(f"model.path {path!r}: {e}; and not a bundled preset ({', '.join(PRESETS)})") from None
         model_config = ModelConfig.from_hf(PRESETS[path], where=f"preset {path}")
-    else:
-        raise UserError(f"model.path {path!r}: not a local directory and not a bundled preset "
-                        f"({', '.join(PRESETS)})")
     result = plan(cfg, model_config, args.topology, mfu=args.mfu, counterfactual_len=args.counterfactual_len)
     print(f"{args.config}: {model_config.model_type}, {model_config.num_params() / 1e9:.2f}B parameters, "
           f"objective {cfg.objective.name}")

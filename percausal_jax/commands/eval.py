@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -28,10 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=0, help="only the first N records")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs WordNet)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, accepts_overrides=True)  # --config.a.b=v: the run's config (with --workdir)
 
 
 def run(args) -> int:
+    from percausal_jax import storage
     from percausal_jax.atomic import write_text
     from percausal_jax.commands.score import _tokenizer
     from percausal_jax.data.featurize import FeaturizeConfig
@@ -44,7 +44,7 @@ def run(args) -> int:
         from percausal_jax.training.export import restore_model
         from percausal_jax.training.loop import featurize_config
 
-        model, run_, cfg, _ = restore_model(args.workdir, args.step)
+        model, run_, cfg, _ = restore_model(args.workdir, args.step, getattr(args, "overrides", ()))
         tokenizer, fcfg = run_.tokenizer, featurize_config(cfg)
         if args.template:
             fcfg = FeaturizeConfig(**{**fcfg.__dict__, "template": args.template})
@@ -52,7 +52,7 @@ def run(args) -> int:
         from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
         from percausal_jax.hf.gguf import resolve_model_arg
 
-        model_dir = resolve_model_dir(resolve_model_arg(args.model))
+        model_dir = resolve_model_dir(resolve_model_arg(args.model)).local
         tokenizer = _tokenizer(model_dir)
         model = load_pretrained(model_dir)
         fcfg = FeaturizeConfig(template=args.template or "chat")
@@ -60,9 +60,9 @@ def run(args) -> int:
                         args.seed, args.batch_size)
     rows = generate_for_records(model, tokenizer, records, fcfg, dcfg, progress=not args.no_progress)
     result = score(rows, records, args.task, meteor=not args.no_meteor)
-    out = Path(args.out)
+    out = storage.path(args.out)  # local or gs://; each file written whole
     write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
-    metrics_path = Path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")
+    metrics_path = storage.path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")
     write_text(metrics_path, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0

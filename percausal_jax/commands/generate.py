@@ -22,7 +22,7 @@ def run(args) -> int:
     from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
     from percausal_jax.hf.gguf import resolve_model_arg
 
-    model_dir = resolve_model_dir(resolve_model_arg(args.model))
+    model_dir = resolve_model_dir(resolve_model_arg(args.model)).local
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # noqa: BLE001

@@ -1,28 +1,36 @@
 """percausal prepare: raw or canonical data → ready prompt records (retrieved, templated, within budget).
 
-Output rows (JSONL, written atomically) are prompt records that ``percausal score`` and training read as they are::
+Output rows (JSONL, written atomically; ``--out`` may be a ``gs://`` URL) are prompt records that ``percausal
+score`` and training read as they are::
 
     {id, user_id, task, prompt, prompt_no_profile, completion, template, profile_items_used, ...extra keys}
 
 ``template`` records how the prompts were rendered (``"chat"``: the text already holds the chat template's special
 tokens, so it is tokenized without adding any). Extra keys of the source record (``personal_spans``, ...) are
 kept; the consumed ``input``/``output``/``profile``/``target`` are not. TRL rows have no id: theirs is
-``{input file stem}-{position}``.
+``{input file stem}-{line}``.
+
+``--input`` (and ``--meta``, ``--tokenizer``, ``--contriever``) take a local path, a ``gs://`` URL or a Hugging
+Face hub id. Rows with an empty required field are skipped, examples over the token budget dropped; one table at
+the end says how many were kept, skipped and why, with the first ids per reason (``--strict``: a skipped row is an
+error naming file, row and field).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
+from percausal_jax import storage
+from percausal_jax.data import records as records_lib
 from percausal_jax.data import sources
 from percausal_jax.data.chat import TEMPLATES
 from percausal_jax.data.featurize import FeaturizeConfig, Featurizer, Kept, Texts
+from percausal_jax.data.files import with_split, write_jsonl
 from percausal_jax.data.prompts import MODES
-from percausal_jax.data.records import read_records, write_jsonl
+from percausal_jax.data.records import SkipReport
 from percausal_jax.data.retrieval import METHODS, Contriever
 from percausal_jax.errors import UserError
 
@@ -36,19 +44,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prepare", help="raw/canonical data -> prompt records (prompt, prompt_no_profile, "
                               "completion)", description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, choices=SOURCES,
-                   help="longlamp: parquet/JSONL file or folder of one split's parquet files; lamp: "
-                        "{split}_questions.json (outputs read from beside it); amazon: DPL-main rows (with "
-                        "--meta); jsonl: records of any kind (.jsonl/.parquet)")
-    p.add_argument("--input", required=True, type=Path, help="input file (or folder, for longlamp)")
-    p.add_argument("--meta", type=Path, help="DPL-meta rows {asin, title, description} (amazon only)")
+                   help="longlamp: hub id (LongLaMP/LongLaMP), snapshot root, config folder or parquet/JSONL file; "
+                        "lamp: {split}_questions.json (outputs read from beside it), a folder holding it, or a hub "
+                        "id; amazon: DPL-main rows (file, folder or hub id SnowCharmQ/DPL-main; with --meta); "
+                        "jsonl: records of any kind (.jsonl/.jsonl.gz/.json/.parquet/.arrow or a "
+                        "datasets.save_to_disk folder)")
+    p.add_argument("--input", required=True, help="input file, folder, gs:// URL or hub id")
+    p.add_argument("--config", help="sub-folder / hub config: a LongLaMP config (product_review_user, ...), a DPL "
+                   "category (Books, ...) or a LaMP folder (LaMP_3); longlamp, lamp and amazon only")
+    p.add_argument("--split", help="split to read (longlamp/amazon: train, val, test; lamp: train, dev, test; jsonl: "
+                   "a DatasetDict folder's split); needed when the input holds several")
+    p.add_argument("--meta", help="DPL-meta rows {asin, title, description}: file, folder or hub id "
+                   "SnowCharmQ/DPL-meta (amazon only)")
     p.add_argument("--task", help="LaMP task, e.g. LaMP-3 (lamp only; default: from the outputs file)")
-    p.add_argument("--out", required=True, type=Path, help="output .jsonl")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (needed for --template chat, "
+    p.add_argument("--out", required=True, help="output .jsonl (local path or gs:// URL)")
+    p.add_argument("--tokenizer", help="tokenizer: local dir, gs:// dir or hub id (needed for --template chat, "
                    "--max-prompt-len and token statistics)")
     p.add_argument("--template", choices=TEMPLATES, default="none", help="prompt wrapping (default none)")
     p.add_argument("--enable-thinking", action="store_true", help="passed to chat templates (Qwen3)")
     p.add_argument("--retriever", choices=METHODS, default="bm25", help="profile ranking (default bm25)")
-    p.add_argument("--contriever", type=Path, help="local facebook/contriever-style model (--retriever contriever)")
+    p.add_argument("--contriever", help="facebook/contriever-style encoder (local dir, gs:// dir or hub id; "
+                   "safetensors weights only) for --retriever contriever")
     p.add_argument("--k", type=int, default=4, help="profile items to retrieve (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random retriever (default 0)")
     p.add_argument("--max-prompt-len", type=int, help="token budget of each prompt (drops items to fit)")
@@ -57,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-response-len", type=int, help="drop examples whose completion (+EOS) has more tokens")
     p.add_argument("--counterfactual", choices=MODES, default="drop",
                    help="profile-free prompt: remove the profile block or put a None placeholder (default drop)")
+    p.add_argument("--strict", action="store_true",
+                   help="a row with an empty required field (input, output, prompt, completion) is an error naming "
+                        "file, row and field, instead of being skipped and counted")
     p.set_defaults(func=run)
 
 
@@ -66,10 +85,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--task applies to --source lamp only")
     if (args.meta is not None) != (args.source == "amazon"):
         raise UserError("--meta (the DPL-meta file) is required for --source amazon and only used there")
+    if args.config is not None and args.source == "jsonl":
+        raise UserError("--config applies to --source longlamp, lamp and amazon (a sub-folder or hub config)")
     if args.max_response_len is not None and args.tokenizer is None:
         raise UserError("--max-response-len counts tokens: pass --tokenizer")
-    records = load_records(args)
-    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    report = SkipReport()
+    numbered = load_records(args, report)
+    tokenizer = storage.load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     cfg = FeaturizeConfig(template=args.template, counterfactual_mode=args.counterfactual, retriever=args.retriever,
                           k=args.k, seed=args.seed, max_prompt_len=args.max_prompt_len,
                           max_response_len=args.max_response_len, budget_mode=args.budget,
@@ -77,26 +99,26 @@ def run(args: argparse.Namespace) -> int:
     contriever = Contriever(args.contriever) if args.contriever is not None else None
     featurizer = Featurizer(tokenizer, cfg, contriever=contriever)
 
-    out, dropped, lengths = [], Counter(), {"prompt": [], "prompt_no_profile": [], "completion+eos": []}
-    for position, record in enumerate(records, start=1):
+    out, lengths = [], {"prompt": [], "prompt_no_profile": [], "completion+eos": []}
+    for fallback_id, record in numbered:
         if tokenizer is None:
-            texts, result = featurizer.texts(record), None
+            texts = featurizer.texts(record)
         else:
             texts, result = featurizer.run(record)
             if not isinstance(result, Kept):
-                dropped[result.reason] += 1
+                report.kept -= 1  # read, but not written
+                report.skip(result.reason, record.get("id", fallback_id))
                 continue
             ex = result.example
             for key, ids in zip(lengths, (ex.prompt_ids, ex.prompt_no_profile_ids, ex.response_ids)):
                 lengths[key].append(len(ids))
-        out.append(prompt_record(record, texts, f"{args.input.stem}-{position}"))
+        out.append(prompt_record(record, texts, fallback_id))
     if not out:
-        raise UserError(f"{args.input}: no example is left (dropped: {dict(dropped)}); raise --max-prompt-len "
-                        "or --max-response-len")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"{args.input}: no example is left (dropped: {dict(sorted(report.counts.items()))}); raise "
+                        "--max-prompt-len or --max-response-len")
     write_jsonl(args.out, out)
-    print(f"wrote {len(out)} prompt records to {args.out}; dropped {sum(dropped.values())}"
-          + "".join(f", {reason} {n}" for reason, n in sorted(dropped.items())))
+    print(f"wrote {len(out)} prompt records to {args.out}")
+    print(report.table())
     if tokenizer is not None:
         print("tokens (p50 / p90 / p99 / max):")
         for key, values in lengths.items():
@@ -108,36 +130,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_records(args: argparse.Namespace) -> list[dict]:
-    """Canonical (or, for jsonl, any kind of) records from ``--input`` per ``--source``."""
-    path: Path = args.input
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
+def load_records(args: argparse.Namespace, report: SkipReport | None = None) -> list[tuple[str, dict]]:
+    """``(fallback id, record)`` pairs per ``--source``: canonical records (for jsonl, any kind); the fallback id
+    (``{file stem}-{line}``) names rows without an id. Skipped rows are counted in ``report``."""
+    strict = bool(getattr(args, "strict", False))
+    split, config = getattr(args, "split", None), getattr(args, "config", None)
     if args.source == "longlamp":
-        return list(sources.read_longlamp(_longlamp_inputs(path)))
+        files = sources.find_longlamp(args.input, split=split, config=config)
+        return _with_ids(sources.read_longlamp(files, strict=strict, report=report))
     if args.source == "lamp":
-        outputs = sources.lamp_outputs_path(path)
+        questions = sources.find_lamp(args.input, split=split, config=config)
+        outputs = sources.lamp_outputs_path(questions)
         if outputs is None:
-            raise UserError(f"{path}: no outputs file beside it ({path.name.replace('_questions', '_outputs')}); "
-                            "prepare needs the gold outputs (the LaMP test split has none)")
-        return sources.read_lamp(path, outputs, task=args.task)
+            raise UserError(f"{questions}: no outputs file beside it "
+                            f"({questions.name.replace('_questions', '_outputs')}); prepare needs the gold outputs "
+                            "(the LaMP test split has none)")
+        return _with_ids(sources.read_lamp(questions, outputs, task=args.task, strict=strict, report=report))
     if args.source == "amazon":
-        return sources.read_amazon(path, args.meta)
-    return read_records(path)
+        main, meta = sources.find_amazon(args.input, args.meta, split=split, config=config)
+        return _with_ids(sources.read_amazon(main, meta, strict=strict, report=report))
+    path = with_split(args.input, split)
+    if split is not None and path == storage.path(args.input):
+        raise UserError(f"{args.input}: --split {split} applies to a DatasetDict folder (datasets.save_to_disk), "
+                        "and this is not one")
+    stem = records_lib.file_stem(path)
+    return [(f"{stem}-{line}", record)
+            for line, record in records_lib.read_numbered(path, strict=strict, report=report)]
 
 
-def _longlamp_inputs(path: Path) -> list[Path]:
-    """A file as is; a folder: its split's files (it must hold one split), else all its parquet files."""
-    if not path.is_dir():
-        return [path]
-    by_split = {split: files for split in sources.LONGLAMP_SPLITS if (files := sources.longlamp_files(path, split))}
-    if len(by_split) > 1:
-        raise UserError(f"{path}: holds files of several splits ({', '.join(by_split)}); pass one split's file or "
-                        "folder")
-    files = next(iter(by_split.values())) if by_split else sorted(path.glob("*.parquet"))
-    if not files:
-        raise UserError(f"{path}: no .parquet files in this folder; expected one LongLaMP split's files")
-    return files
+def _with_ids(records) -> list[tuple[str, dict]]:
+    return [(record["id"], record) for record in records]
 
 
 def prompt_record(record: dict, texts: Texts, fallback_id: str) -> dict:
@@ -148,12 +170,3 @@ def prompt_record(record: dict, texts: Texts, fallback_id: str) -> dict:
     return {**head, "prompt": texts.prompt, "prompt_no_profile": texts.prompt_no_profile,
             "completion": texts.completion, "template": texts.template, "profile_items_used": texts.items_used,
             **extra}
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load a tokenizer ({e}); expected a Hugging Face tokenizer directory") from None

@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from percausal_jax import storage
     from percausal_jax.atomic import write_text
     from percausal_jax.data import chat, records
     from percausal_jax.data.pairing import pair_example
@@ -49,7 +50,7 @@ def run(args) -> int:
         if records.detect_kind(row, args.data, i) != "prompt":
             raise UserError(f"{args.data}:{i}: expected prompt records with fields "
                             "'id', 'prompt', 'prompt_no_profile', 'completion'")
-    model_dir = resolve_model_dir(resolve_model_arg(args.model))
+    model_dir = resolve_model_dir(resolve_model_arg(args.model)).local
     tokenizer = _tokenizer(model_dir)
     examples = []
     for row in rows:
@@ -68,11 +69,11 @@ def run(args) -> int:
                "completion_ids": list(ex.response_ids),
                "tokens": [tokenizer.decode([t]) for t in ex.response_ids], **s}
         scored.append({k: rec[k] for k in OUTPUT_KEYS})
-    write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
+    write_text(storage.path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
     if args.html:
         from percausal_jax.evaluation.heatmap import heatmap_page
 
-        write_text(Path(args.html), heatmap_page(scored, args.clip_min, args.clip_max, args.delta))
+        write_text(storage.path(args.html), heatmap_page(scored, args.clip_min, args.clip_max, args.delta))
     print(f"scored {len(scored)} examples -> {args.out}" + (f", {args.html}" if args.html else ""))
     return 0
 

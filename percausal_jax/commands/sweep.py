@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 PAPER_GRID = (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)  # PerCE paper §4
 OBJECTIVES = ("ce", "perce", "nextquill", "lossce", "entce")
@@ -26,7 +25,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from percausal_jax import cli
+    from percausal_jax import cli, storage
     from percausal_jax.atomic import write_text
     from percausal_jax.errors import UserError
     from percausal_jax.evaluation.wordnet import available
@@ -36,7 +35,7 @@ def run(args) -> int:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--lrs {args.lrs!r}: expected comma-separated numbers") from None
-    out = Path(args.out)
+    out = storage.path(args.out)  # local or gs://
     cells: dict[str, dict[str, dict]] = {}
     for obj in objectives:
         for lr in lrs:

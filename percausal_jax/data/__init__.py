@@ -5,8 +5,9 @@ Importing the package also registers the ``synthetic`` task (percausal_jax.data.
 
 from percausal_jax.data import synthetic as _synthetic  # noqa: F401  (registers TASKS["synthetic"])
 from percausal_jax.data.chat import render
+from percausal_jax.data.files import write_jsonl
 from percausal_jax.data.prompts import TASKS, Prompt, PromptPair, build_pair
-from percausal_jax.data.records import detect_kind, read_records, write_jsonl
+from percausal_jax.data.records import detect_kind, read_records
 from percausal_jax.data.retrieval import Contriever, PromptTooLong, fit_to_budget, top_k
 
 __all__ = [

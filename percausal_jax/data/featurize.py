@@ -104,13 +104,11 @@ class Featurizer:
     """``featurizer(record) -> Kept | Dropped``; ``texts(record)`` gives the texts only, ``run(record)`` both.
 
     Stateless after construction, so one instance may serve several threads. ``tokenizer`` may be None for
-    ``texts`` with template ``"none"`` and no ``max_prompt_len``. ``contriever`` is required for that retriever.
+    ``texts`` with template ``"none"`` and no ``max_prompt_len``. ``contriever`` is required for that retriever on canonical records (prompt records are already
+    retrieved; :func:`retrieval.rank` names the missing encoder).
     """
 
     def __init__(self, tokenizer: Any, cfg: FeaturizeConfig, *, contriever: Contriever | None = None):
-        if cfg.retriever == "contriever" and contriever is None:
-            raise UserError("retriever 'contriever' needs an encoder: pass a Contriever (a local "
-                            "facebook/contriever-style model directory)")
         if tokenizer is None and (cfg.template == "chat" or cfg.max_prompt_len is not None):
             raise UserError("a tokenizer is needed for template 'chat' and for a max_prompt_len token budget")
         self.tokenizer = tokenizer

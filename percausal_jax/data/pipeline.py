@@ -31,14 +31,15 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
 
+from percausal_jax import storage
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, FeaturizeStats, Featurizer, Kept
 from percausal_jax.data.pairing import PairedBatch, PairedExample, collate
-from percausal_jax.data.records import detect_kind, read_records, validate_canonical, validate_prompt, validate_trl
+from percausal_jax.data.records import (SkipReport, detect_kind, read_records, validate_canonical, validate_prompt,
+                                        validate_trl)
 from percausal_jax.data.retrieval import Contriever
 from percausal_jax.errors import UserError, where
 
@@ -81,17 +82,22 @@ class JsonRecords(Sequence):
         return f"JsonRecords({self.name!r}, {len(self)} records)"
 
 
-def open_source(source: str | os.PathLike | Sequence) -> Sequence[dict]:
-    """Random-access records from a ``.jsonl``/``.parquet`` file (read and validated up front), an ArrayRecord
-    file of JSON records (path containing ``.array_record``), or a sequence / data source (e.g.
-    ``tfds.data_source(...)["train"]`` of our builders) whose elements :class:`JsonRecords` can decode."""
+def open_source(source: str | os.PathLike | Sequence, *, strict: bool = False,
+                report: SkipReport | None = None) -> Sequence[dict]:
+    """Random-access records from a file or folder :func:`records.read_records` reads (local or ``gs://``: read
+    and validated up front; rows with an empty required field skipped and counted in ``report``, or errors with
+    ``strict``), an ArrayRecord file of JSON records (path containing ``.array_record``; a remote one is copied to
+    the local cache first), or a sequence / data source (e.g. ``tfds.data_source(...)["train"]`` of our builders)
+    whose elements :class:`JsonRecords` decodes and validates lazily (a bad element, empty fields included, is an
+    error when read)."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = storage.path(source)
         if ".array_record" in path.name:
             if not path.is_file():
                 raise UserError(f"{path}: no such file; expected an ArrayRecord file of JSON records")
-            return JsonRecords(grain.sources.ArrayRecordDataSource(str(path)), str(path))
-        return read_records(path)
+            local = storage.local_file(path, "ArrayRecord file of JSON records")
+            return JsonRecords(grain.sources.ArrayRecordDataSource(str(local)), str(path))
+        return read_records(path, strict=strict, report=report)
     if isinstance(source, list):
         return JsonRecords(source, "<records>")
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
@@ -262,14 +268,16 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
                   num_epochs: int | None = None, shuffle: bool = True, packing: bool = False,
                   bucket_multiple: int = 64, buckets: Buckets | None = None,
                   contriever: Contriever | None = None, read_threads: int = 4,
-                  worker_count: int = 0) -> PairedBatchIterator:
+                  worker_count: int = 0, strict: bool = False,
+                  report: SkipReport | None = None) -> PairedBatchIterator:
     """The whole pipeline in one call (see module doc); returns a fresh, checkpointable iterator.
 
     Lengths come from ``fcfg`` (both ``max_prompt_len`` and ``max_response_len`` are required): buckets are
     multiples of ``bucket_multiple`` up to ``max_prompt_len + max_response_len − 1`` (sequences) and
     ``max_response_len`` (responses), unless ``buckets`` is given. ``num_epochs=None`` repeats forever.
     ``worker_count > 0`` featurizes in that many processes (the tokenizer must be picklable; scripts need an
-    ``if __name__ == "__main__"`` guard); the batching stage always runs in this process.
+    ``if __name__ == "__main__"`` guard); the batching stage always runs in this process. ``strict`` / ``report``:
+    see :func:`open_source` (rows skipped while reading a file are counted in ``report``).
     """
     if per_process_batch_size < 1:
         raise UserError(f"per_process_batch_size {per_process_batch_size}: expected an integer >= 1")
@@ -283,7 +291,7 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
     buckets.check(fcfg)
     featurizer = Featurizer(tokenizer, fcfg, contriever=contriever)
 
-    records = open_source(source)
+    records = open_source(source, strict=strict, report=report)
     ds = grain.MapDataset.source(records)
     if shuffle:
         ds = ds.seed(seed).shuffle()

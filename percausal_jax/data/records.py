@@ -1,4 +1,4 @@
-"""Record schemas, readers and writers: the one place that decides what a valid input row looks like.
+"""Record schemas, kinds and validation: the one place that decides what a valid input row looks like.
 
 Three kinds of rows are accepted (one kind per file):
 
@@ -9,26 +9,41 @@ Three kinds of rows are accepted (one kind per file):
   carry its own string ``id``: a generated id would silently change when a user reorders or filters a file.
 * **prompt**: ``{id, prompt, prompt_no_profile, completion}``, ready-made text for both passes.
 * **trl**: TRL prompt/completion, ``{prompt: str, completion: str}`` or the conversational form with lists of
-  ``{role, content}`` messages. It has no profile-free prompt, so only plain (non-causal) training can use it.
+  ``{role, content}`` messages. TRL's conversational *language-modeling* rows ``{messages: [...]}`` are read as
+  prompt/completion: the last message (it must be the assistant's turn) is the completion, everything before it
+  the prompt (``{"prompt": messages[:-1], "completion": [messages[-1]]}``, other keys kept). TRL rows have no
+  profile-free prompt, so only plain (non-causal) training can use them.
 
 Extra keys are preserved everywhere (``personal_spans``, ``reviewerId``, ...). ``personal_spans``, when present, is
 checked: ``[[start, end), ...]`` character offsets into ``output`` (canonical) or ``completion`` (prompt).
 
-Every problem raises :class:`~percausal_jax.errors.UserError` naming file, line (for parquet: 1-based row), field and
-what was expected. Rows are JSON; nothing is ever unpickled.
+:func:`read_records` / :func:`read_numbered` read one file's rows with :func:`percausal_jax.data.files.iter_rows`
+and validate them. File formats, local and ``gs://`` paths, and writing (``write_jsonl``) are
+:mod:`percausal_jax.data.files`' concern.
+
+Dirty rows, as real releases have them:
+
+* a ``null`` or missing text/scalar field of a profile item or of ``target`` (a review without ``summary``) is read
+  as ``""``;
+* a row whose *required* text is null, missing or empty (``input``/``output`` of canonical rows; ``prompt`` /
+  ``completion`` of prompt and TRL rows; ``messages``) is **skipped**, and counted in a :class:`SkipReport` by reason
+  (``empty_output``, ...) with its first ids. ``strict=True`` makes every such skip an error instead.
+
+Every other problem raises :class:`~percausal_jax.errors.UserError` naming file, line (for parquet/arrow/JSON
+arrays: 1-based row), field and what was expected.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from percausal_jax.errors import UserError, where
+from percausal_jax import storage
+from percausal_jax.data.files import iter_rows
+from percausal_jax.errors import UserError, describe, where
 
 Kind = Literal["canonical", "prompt", "trl"]
 
@@ -68,17 +83,144 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
 LONGLAMP_USER_FIELDS = {"reviewerId": "product_review", "name": "abstract_generation", "author": "topic_writing"}
 
 
+# ------------------------------------------------------------------------------------------------------ skipping
+
+
+class Skipped(UserError):
+    """A row that is left out, not an error: a required text is null, missing or empty. Readers count it in a
+    :class:`SkipReport` (``reason`` e.g. ``empty_output``); with ``strict`` they raise it."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+STRICT_NOTE = "(strict: rows with an empty required field are errors; without --strict they are skipped and counted)"
+
+
+class SkipReport:
+    """What a read (and, in ``percausal prepare``, featurizing) kept and left out: counts by reason and the first
+    :attr:`FIRST` ids per reason (``file:row`` for rows without an id). JSON round-trips via :meth:`to_json`."""
+
+    FIRST = 3
+
+    def __init__(self) -> None:
+        self.kept = 0
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, list[str]] = {}
+
+    def keep(self, n: int = 1) -> None:
+        self.kept += n
+
+    def skip(self, reason: str, ident: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        first = self.first.setdefault(reason, [])
+        if len(first) < self.FIRST:
+            first.append(str(ident))
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: SkipReport) -> SkipReport:
+        """Adds ``other``'s counts (and first ids, up to :attr:`FIRST` per reason) to this report; returns it."""
+        self.kept += other.kept
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            first = self.first.setdefault(reason, [])
+            first.extend(other.first.get(reason, [])[:self.FIRST - len(first)])
+        return self
+
+    def to_json(self) -> dict:
+        return {"kept": self.kept, "skipped": self.skipped,
+                "by_reason": {r: {"count": n, "first": list(self.first.get(r, []))}
+                              for r, n in sorted(self.counts.items())}}
+
+    @classmethod
+    def from_json(cls, state: dict) -> SkipReport:
+        report = cls()
+        report.kept = int(state["kept"])
+        for reason, entry in state.get("by_reason", {}).items():
+            report.counts[reason] = int(entry["count"])
+            report.first[reason] = list(entry["first"])
+        return report
+
+    def table(self) -> str:
+        """One summary table: kept and skipped in total, then one line per reason with its first ids."""
+        lines = [f"kept {self.kept}, skipped {self.skipped}"]
+        if self.counts:
+            width = max(len("reason"), *map(len, self.counts))
+            lines.append(f"  {'reason':<{width}}  {'count':>7}  first ids")
+            for reason, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
+                more = ", ..." if n > len(self.first.get(reason, [])) else ""
+                lines.append(f"  {reason:<{width}}  {n:>7}  {', '.join(self.first.get(reason, []))}{more}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SkipReport(kept={self.kept}, skipped={dict(self.counts)})"
+
+
+def row_label(row: Any, path: str | os.PathLike, line: int) -> str:
+    """How a report names a row: its id (the generated one for LongLaMP rows), else ``file:row``."""
+    if isinstance(row, dict):
+        if isinstance(row.get("id"), str) and row["id"].strip():
+            return row["id"]
+        if "id" not in row and any(f in row for f in LONGLAMP_USER_FIELDS):
+            return f"{file_stem(path)}-{line}"
+    return f"{_base_name(path)}:{line}"
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """The name LongLaMP ids are made from: the file name without ``.gz`` and its last suffix (``val.jsonl.gz``
+    → ``val``; a ``save_to_disk`` folder: its name)."""
+    name = _base_name(path)
+    name = name[:-3] if name.lower().endswith(".gz") else name
+    return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+
+
+def _base_name(path: str | os.PathLike) -> str:
+    s = os.fspath(path)
+    return s.rstrip("/").rsplit("/", 1)[-1] or s
+
+
+def admit(validate: Callable[[], dict], label: str, *, strict: bool, report: SkipReport | None) -> dict | None:
+    """``validate()``'s record, or None when it skipped the row (counted in ``report``; raised when ``strict``)."""
+    try:
+        record = validate()
+    except Skipped as e:
+        if strict:
+            raise UserError(f"{e} {STRICT_NOTE}") from None
+        if report is not None:
+            report.skip(e.reason, label)
+        return None
+    if report is not None:
+        report.keep()
+    return record
+
+
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def read_records(path: str | os.PathLike, *, require_output: bool = True) -> list[dict]:
-    """Reads a ``.jsonl`` or ``.parquet`` file of one record kind; returns validated, normalized dicts.
+def read_records(path: str | os.PathLike, *, require_output: bool = True, strict: bool = False,
+                 report: SkipReport | None = None) -> list[dict]:
+    """Reads a file (or ``save_to_disk`` folder; formats: :mod:`percausal_jax.data.files`) of one record kind;
+    returns validated, normalized dicts. Rows with an empty required field are skipped and counted in ``report``
+    (``strict``: a located error instead).
 
     ``require_output=False`` admits canonical rows without ``output`` (e.g. LaMP test questions, for generation).
     Canonical and prompt ids must be unique within the file.
     """
-    path = Path(path)
-    records: list[dict] = []
+    return [record for _, record in read_numbered(path, require_output=require_output, strict=strict,
+                                                  report=report)]
+
+
+def read_numbered(path: str | os.PathLike, *, require_output: bool = True, strict: bool = False,
+                  report: SkipReport | None = None) -> list[tuple[int, dict]]:
+    """:func:`read_records` with each record's 1-based line (row) number in the file, e.g. to name rows that
+    have no id by their place, which skipped rows do not shift."""
+    path = storage.path(path)
+    local = SkipReport()
+    records: list[tuple[int, dict]] = []
     first_kind: Kind | None = None
     seen_ids: dict[str, int] = {}
     for line, row in iter_rows(path):
@@ -88,84 +230,68 @@ def read_records(path: str | os.PathLike, *, require_output: bool = True) -> lis
         elif kind != first_kind:
             raise UserError(f"{where(path, line)}: this is a {kind} record but the file started with {first_kind} "
                             "records; one file must hold one kind")
-        if kind == "canonical":
-            record = validate_canonical(row, path, line, require_output=require_output)
-        elif kind == "prompt":
-            record = validate_prompt(row, path, line)
-        else:
-            record = validate_trl(row, path, line)
+        record = admit(lambda: validate(row, path, line, kind=kind, require_output=require_output),
+                       row_label(row, path, line), strict=strict, report=local)
+        if record is None:
+            continue
         if "id" in record:
             if record["id"] in seen_ids:
                 raise UserError(f"{where(path, line, 'id')}: duplicate id {record['id']!r} "
                                 f"(first used on line {seen_ids[record['id']]}); ids must be unique")
             seen_ids[record["id"]] = line
-        records.append(record)
+        records.append((line, record))
+    if report is not None:
+        report.merge(local)
     if not records:
+        if local.skipped:
+            raise UserError(f"{path}: no records left: every row was skipped ({_reasons(local)}); "
+                            "expected at least one usable record")
         raise UserError(f"{path}: no records; expected at least one")
     return records
 
 
+def _reasons(report: SkipReport) -> str:
+    return ", ".join(f"{reason} {n}: first {', '.join(report.first[reason])}"
+                     for reason, n in sorted(report.counts.items()))
+
+
+def validate(row: dict, path: str | os.PathLike = "<record>", line: int = 0, *, kind: Kind | None = None,
+             require_output: bool = True) -> dict:
+    """Validates one row of any kind (detected unless given); raises :class:`Skipped` for rows to leave out."""
+    kind = kind or detect_kind(row, path, line)
+    if kind == "canonical":
+        return validate_canonical(row, path, line, require_output=require_output)
+    if kind == "prompt":
+        return validate_prompt(row, path, line)
+    return validate_trl(row, path, line)
+
+
 def detect_kind(record: dict, path: str | os.PathLike = "<record>", line: int | None = None) -> Kind:
-    """Tells the kind from the keys: ``prompt_no_profile`` → prompt; ``prompt`` + ``completion`` → trl;
-    ``input`` or ``profile`` → canonical."""
+    """Tells the kind from the keys: ``prompt_no_profile`` → prompt; ``prompt`` + ``completion`` or ``messages``
+    → trl; ``input`` or ``profile`` → canonical."""
     if "prompt_no_profile" in record:
         return "prompt"
     if "prompt" in record and "completion" in record:
+        return "trl"
+    if "messages" in record and "prompt" not in record and "completion" not in record:
         return "trl"
     if "input" in record or "profile" in record:
         return "canonical"
     raise UserError(f"{where(path, line)}: unknown record kind (keys {sorted(record)}); expected canonical "
                     "{id, user_id, task, input, output, profile}, prompt {id, prompt, prompt_no_profile, completion} "
-                    "or TRL {prompt, completion}")
-
-
-def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line, row)`` with 1-based line numbers (parquet: row numbers); blank JSONL lines are skipped."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; expected a .jsonl or .parquet file of records")
-    if path.suffix == ".jsonl":
-        yield from _jsonl_rows(path)
-    elif path.suffix == ".parquet":
-        import pyarrow as pa  # heavy import, only when needed
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: not a readable parquet file ({e})") from None
-        yield from enumerate(rows, start=1)
-    else:
-        raise UserError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl or .parquet")
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where(path, line)}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, line)}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where(path, line)}: expected a JSON object, got {_describe(row)}")
-            yield line, row
+                    "or TRL {prompt, completion} / {messages}")
 
 
 # -------------------------------------------------------------------------------------------------------- validation
 
 
 def validate_canonical(row: dict, path: str | os.PathLike, line: int, *, require_output: bool = True) -> dict:
-    """Checks a canonical row (see module doc) and returns a normalized copy with ``id``, ``user_id``, ``task`` set."""
+    """Checks a canonical row (see module doc) and returns a normalized copy with ``id``, ``user_id``, ``task`` set
+    and null/missing profile and target fields as ``""``; raises :class:`Skipped` for an empty input or output."""
     record = dict(row)
     longlamp_field = next((f for f in LONGLAMP_USER_FIELDS if f in row), None)
     if "id" not in row and longlamp_field is not None:
-        record["id"] = f"{Path(path).stem}-{line}"
+        record["id"] = f"{file_stem(path)}-{line}"
     if "user_id" not in row and longlamp_field is not None:
         record["user_id"] = _text(row, longlamp_field, path, line, nonempty=True)
     if "task" not in row and longlamp_field is not None:
@@ -177,85 +303,132 @@ def validate_canonical(row: dict, path: str | os.PathLike, line: int, *, require
     if task not in TASK_SCHEMAS:
         raise UserError(f"{where(path, line, 'task')}: unknown task {task!r}; expected one of {sorted(TASK_SCHEMAS)}")
     schema = TASK_SCHEMAS[task]
-    _text(record, "input", path, line, nonempty=True)
+    _required(record, "input", path, line)
     if require_output or "output" in record:
-        output = _text(record, "output", path, line, nonempty=True)
+        output = _required(record, "output", path, line)
         if "personal_spans" in record:
             _check_spans(record["personal_spans"], output, path, line, "output")
 
     profile = record.get("profile")
     if not isinstance(profile, list):
-        raise UserError(f"{where(path, line, 'profile')}: expected a list of objects, got {_describe(profile)}")
-    for i, item in enumerate(profile):
-        _check_fields(item, schema.item_fields, path, line, f"profile[{i}]")
+        raise UserError(f"{where(path, line, 'profile')}: expected a list of objects, got {describe(profile)}")
+    record["profile"] = [_check_fields(item, schema.item_fields, path, line, f"profile[{i}]")
+                         for i, item in enumerate(profile)]
     if schema.target_fields:
-        _check_fields(record.get("target"), schema.target_fields, path, line, "target")
+        record["target"] = _check_fields(record.get("target"), schema.target_fields, path, line, "target")
     return record
 
 
 def validate_prompt(row: dict, path: str | os.PathLike, line: int) -> dict:
     """Checks ``{id, prompt, prompt_no_profile, completion}``; ``prompt_no_profile`` may be empty (no context)."""
     _text(row, "id", path, line, nonempty=True)
-    _text(row, "prompt", path, line, nonempty=True)
+    _required(row, "prompt", path, line)
     _text(row, "prompt_no_profile", path, line)
-    completion = _text(row, "completion", path, line, nonempty=True)
+    completion = _required(row, "completion", path, line)
     if "personal_spans" in row:
         _check_spans(row["personal_spans"], completion, path, line, "completion")
     return dict(row)
 
 
 def validate_trl(row: dict, path: str | os.PathLike, line: int) -> dict:
-    """Checks TRL prompt/completion: both strings, or both non-empty lists of ``{role, content}`` messages."""
+    """Checks TRL prompt/completion: both strings, or both non-empty lists of ``{role, content}`` messages;
+    ``{messages}`` rows are converted (module doc). Empty prompts or completions raise :class:`Skipped`."""
+    if "messages" in row and "prompt" not in row and "completion" not in row:
+        return _from_messages(row, path, line)
     prompt, completion = row.get("prompt"), row.get("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+            raise Skipped(f"empty_{name}", f"{where(path, line, name)}: expected a non-empty string or a non-empty "
+                          f"list of {{role, content}} messages, got {describe(value)}")
     if isinstance(prompt, str) or isinstance(completion, str):
         _text(row, "prompt", path, line, nonempty=True)
         _text(row, "completion", path, line, nonempty=True)
     else:
         _check_messages(prompt, path, line, "prompt")
         _check_messages(completion, path, line, "completion")
+        if all(not m["content"].strip() for m in completion):
+            raise Skipped("empty_completion", f"{where(path, line, 'completion')}: every message's content is "
+                          "empty; expected the completion's text")
     return dict(row)
+
+
+def _from_messages(row: dict, path: str | os.PathLike, line: int) -> dict:
+    messages = row.get("messages")
+    if messages is None or messages == []:
+        raise Skipped("empty_messages", f"{where(path, line, 'messages')}: expected a non-empty list of "
+                      f"{{role, content}} messages, got {describe(messages)}")
+    _check_messages(messages, path, line, "messages")
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise UserError(f"{where(path, line, f'messages[{len(messages) - 1}].role')}: expected the conversation to "
+                        f"end with the assistant's turn (the completion), got role {last['role']!r}")
+    if not last["content"].strip():
+        raise Skipped("empty_completion", f"{where(path, line, f'messages[{len(messages) - 1}].content')}: the "
+                      "last assistant turn is empty; expected the completion's text")
+    if len(messages) == 1:
+        raise Skipped("empty_prompt", f"{where(path, line, 'messages')}: only the assistant's turn; expected at "
+                      "least one message before it (the prompt)")
+    extra = {k: v for k, v in row.items() if k != "messages"}
+    return {**extra, "prompt": list(messages[:-1]), "completion": [last]}
 
 
 def _check_messages(messages: Any, path: str | os.PathLike, line: int, name: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where(path, line, name)}: expected a non-empty string or a non-empty list of "
-                        f"{{role, content}} messages, got {_describe(messages)}")
+                        f"{{role, content}} messages, got {describe(messages)}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise UserError(f"{where(path, line, f'{name}[{i}]')}: expected a {{role, content}} object, "
-                            f"got {_describe(message)}")
+                            f"got {describe(message)}")
         _text(message, "role", path, line, nonempty=True, prefix=f"{name}[{i}].")
-        _text(message, "content", path, line, nonempty=True, prefix=f"{name}[{i}].")
+        _text(message, "content", path, line, prefix=f"{name}[{i}].")
 
 
-def _check_fields(obj: Any, fields: dict[str, str], path: str | os.PathLike, line: int, name: str) -> None:
-    """Checks that ``obj`` is an object whose listed fields are strings (TEXT) or strings/numbers (SCALAR)."""
+def _check_fields(obj: Any, fields: dict[str, str], path: str | os.PathLike, line: int, name: str) -> dict:
+    """Checks that ``obj`` is an object whose listed fields are strings (TEXT) or strings/numbers (SCALAR);
+    returns it with null or missing listed fields (and NaN scalars) as ``""`` (a copy when it changed)."""
     if not isinstance(obj, dict):
         raise UserError(f"{where(path, line, name)}: expected an object with fields {sorted(fields)}, "
-                        f"got {_describe(obj)}")
+                        f"got {describe(obj)}")
+    fixed: dict | None = None
     for key, kind in fields.items():
-        if kind == TEXT:
-            _text(obj, key, path, line, prefix=f"{name}.")
+        value = obj.get(key)
+        if value is None or (kind == SCALAR and isinstance(value, float) and math.isnan(value)):
+            if fixed is None:
+                fixed = dict(obj)
+            fixed[key] = ""
             continue
-        if key not in obj:
-            raise UserError(f"{where(path, line, f'{name}.{key}')}: missing; expected a string or number")
-        value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        if kind == TEXT:
+            if not isinstance(value, str):
+                raise UserError(f"{where(path, line, f'{name}.{key}')}: expected a string, got {describe(value)}")
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise UserError(f"{where(path, line, f'{name}.{key}')}: expected a string or number, "
-                            f"got {_describe(value)}")
+                            f"got {describe(value)}")
+    return obj if fixed is None else fixed
 
 
 def _check_spans(spans: Any, text: str, path: str | os.PathLike, line: int, target: str) -> None:
     """``personal_spans`` must be ``[[start, end], ...]`` with ``0 <= start < end <= len(target)``."""
     if not isinstance(spans, list):
         raise UserError(f"{where(path, line, 'personal_spans')}: expected a list of [start, end] pairs, "
-                        f"got {_describe(spans)}")
+                        f"got {describe(spans)}")
     for i, span in enumerate(spans):
         ok = (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)
               and 0 <= span[0] < span[1] <= len(text))
         if not ok:
             raise UserError(f"{where(path, line, f'personal_spans[{i}]')}: expected [start, end] integers with "
                             f"0 <= start < end <= {len(text)} (the length of '{target}'), got {span!r}")
+
+
+def _required(obj: dict, key: str, path: str | os.PathLike, line: int) -> str:
+    """A required text: null, missing or empty (blank) raises :class:`Skipped` (reason ``empty_<key>``); any other
+    non-string is an error."""
+    value = obj.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        got = "missing" if key not in obj else f"got {describe(value)}"
+        detail = "missing; expected a non-empty string" if key not in obj else f"expected a non-empty string, {got}"
+        raise Skipped(f"empty_{key}", f"{where(path, line, key)}: {detail}")
+    return _text(obj, key, path, line, nonempty=True)
 
 
 def _text(obj: dict, key: str, path: str | os.PathLike, line: int, *, nonempty: bool = False,
@@ -266,39 +439,5 @@ def _text(obj: dict, key: str, path: str | os.PathLike, line: int, *, nonempty: 
         raise UserError(f"{where(path, line, prefix + key)}: missing; expected {expected}")
     value = obj[key]
     if not isinstance(value, str) or (nonempty and not value.strip()):
-        raise UserError(f"{where(path, line, prefix + key)}: expected {expected}, got {_describe(value)}")
+        raise UserError(f"{where(path, line, prefix + key)}: expected {expected}, got {describe(value)}")
     return value
-
-
-def _describe(value: Any) -> str:
-    """Short description of a bad value for error messages: its JSON type and a clipped repr."""
-    if value is None:
-        return "null"
-    names = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
-    shown = repr(value)
-    return f"{names.get(type(value), type(value).__name__)} {shown[:40] + '...' if len(shown) > 40 else shown}"
-
-
-# ---------------------------------------------------------------------------------------------------------- writing
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Writes one JSON object per line atomically (temp file in the same folder, then ``os.replace``).
-
-    Returns the number of records written. Readers never see a half-written file, even after a crash.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        count = 0
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count

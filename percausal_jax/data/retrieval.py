@@ -107,18 +107,35 @@ def _descending(scores: np.ndarray) -> list[int]:
 class Contriever:
     """Dense retriever: mean-pooled last hidden states of an HF encoder, scored by dot product (as Contriever).
 
-    ``path`` is a local directory with the model and its tokenizer; nothing is downloaded.
+    ``path``: a local directory, a ``gs://`` directory (copied to the local cache) or a hub id (e.g.
+    ``facebook/contriever``, downloaded with ``huggingface_hub``; offline, from its cache) holding the encoder and
+    its tokenizer. Weights are read from ``*.safetensors`` only: PyTorch ``.bin`` pickles are never loaded and
+    ``trust_remote_code`` is never used. ``revision``: the hub revision (``facebook/contriever``'s main branch holds
+    only a pickle; its safetensors weights are at commit ``970b380340c2e3fac6eba814e23e906e3635c8ae``).
     """
 
-    def __init__(self, path: str | os.PathLike, *, batch_size: int = 32, max_length: int = 512):
+    def __init__(self, path: str | os.PathLike, *, batch_size: int = 32, max_length: int = 512,
+                 revision: str | None = None):
         from transformers import AutoModel, AutoTokenizer
 
+        from percausal_jax import storage
+
+        resolved = storage.resolve_hf_dir(path, what="contriever encoder", allow_patterns=storage.MODEL_PATTERNS,
+                                          revision=revision or None)
+        local = resolved.local
+        if not any(local.glob("*.safetensors")):
+            pickles = sorted(p.name for p in local.glob("*.bin"))
+            found = f" (it has {', '.join(pickles)}: PyTorch pickles, which are never loaded)" if pickles else ""
+            raise UserError(f"{path}: cannot load a contriever encoder: no *.safetensors weights in {local}{found}; "
+                            "expected a Hugging Face model directory with model.safetensors and its tokenizer "
+                            "(convert once with transformers: save_pretrained(..., safe_serialization=True))")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot load a contriever encoder ({e}); expected a local Hugging Face "
-                            "model directory with its tokenizer") from None
+            self.tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(local), local_files_only=True, use_safetensors=True).eval()
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: cannot load a contriever encoder ({str(e).splitlines()[0] if str(e) else e}); "
+                            "expected a Hugging Face model directory with safetensors weights and its tokenizer"
+                            ) from None
         self.batch_size = batch_size
         self.max_length = max_length
 

@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from percausal_jax.data.prompts import PLACEHOLDER, TASKS, Mode, Prompt, Task
-from percausal_jax.data.records import write_jsonl
+from percausal_jax.data.files import write_jsonl
 from percausal_jax.errors import UserError
 
 NAMES = ["Marla", "Theo", "Priya", "Jonas", "Ines", "Kofi", "Yuki", "Bram", "Lena", "Omar", "Sofia", "Ravi",

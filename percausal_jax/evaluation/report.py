@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from percausal_jax import storage
 from percausal_jax.atomic import write_text
 from percausal_jax.evaluation.heatmap import heatmap_section, summary
 
@@ -16,7 +17,7 @@ _COLOURS = {"ce": "#2b6cb0", "perce": "#c53030", "nextquill": "#2f855a", "lossce
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
 def svg_curves(curves: dict[str, Sequence[tuple[float, float]]], title: str, width: int = 520,

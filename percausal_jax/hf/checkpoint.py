@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from percausal_jax import storage
 from percausal_jax.atomic import atomic_dir
 from percausal_jax.errors import UserError
 from percausal_jax.models.config import ModelConfig
@@ -61,20 +62,10 @@ def _transposed(path: tuple) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- loading
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A local directory, or a hub id (``org/name``) downloaded with huggingface_hub (safetensors + json only)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    s = str(path)
-    if not p.exists() and s.count("/") == 1 and not s.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
-        except Exception as e:  # noqa: BLE001 - any hub failure is a user-facing error here
-            raise UserError(f"{s}: not a local directory and the hub download failed: {e}") from None
-    raise UserError(f"{s}: model directory not found")
+def resolve_model_dir(path: str | os.PathLike) -> storage.Resolved:
+    """A local directory, a ``gs://`` directory (copied to the local cache) or a hub id (``org/name``, downloaded
+    with huggingface_hub: safetensors, json and tokenizer files only, never pickles)."""
+    return storage.resolve_hf_dir(path, what="model directory", allow_patterns=storage.MODEL_PATTERNS)
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -110,7 +101,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | Any = "float32", mesh:
     ``dtype`` is the parameter dtype; ``compute_dtype`` (default: same) the activation dtype. With ``mesh``, every
     parameter is created directly in its :func:`param_sharding`.
     """
-    model_dir = resolve_model_dir(path)
+    model_dir = resolve_model_dir(path).local
     cfg = read_config(model_dir)
     gen_cfg = model_dir / "generation_config.json"
     if gen_cfg.is_file():
@@ -187,7 +178,12 @@ def hf_state_dict(model: CausalLM, dtype: str | Any | None = None) -> Iterator[t
     target = to_dtype(dtype) if dtype is not None else None
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = hf_tensor_names(path, model.scan_layers, cfg.num_hidden_layers)
-        value = np.asarray(jax.device_get(var[...]))
+        value = var[...]
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:  # parts live on other processes
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        value = np.asarray(jax.device_get(value))
         if target is not None:
             value = value.astype(target)
         parts = list(value) if len(names) > 1 else [value]
@@ -196,11 +192,16 @@ def hf_state_dict(model: CausalLM, dtype: str | Any | None = None) -> Iterator[t
 
 
 def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any = None,
-                    dtype: str | Any | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+                    dtype: str | Any | None = None, max_shard_bytes: int = 5 * 2**30) -> storage.Path:
     """Writes ``config.json``, ``generation_config.json``, safetensors (sharded + index above ``max_shard_bytes``)
-    and tokenizer files into ``out_dir``, atomically: everything goes to a temporary sibling directory first.
+    and tokenizer files into ``out_dir`` (a local directory or a ``gs://`` URL), atomically
+    (:func:`percausal_jax.atomic.atomic_dir`: assembled in a temporary directory, then renamed into place, or
+    uploaded with ``config.json`` last). Returns the output as a path (an ``epath.Path``; a URL stays a URL).
 
-    ``tokenizer``: a transformers tokenizer (``save_pretrained``) or a directory whose tokenizer files are copied.
+    ``config.json`` has the transformers-5 keys (``rope_parameters``, ``dtype``) and the older ones beside them
+    (``rope_theta``, ``rope_scaling``, ``torch_dtype``, Gemma3's ``rope_local_base_freq``).
+    ``tokenizer``: a transformers tokenizer (``save_pretrained``) or a directory (local, ``gs://`` or a hub id)
+    whose tokenizer files are copied.
     """
     with atomic_dir(out_dir) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
@@ -226,20 +227,24 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any 
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         cfg = model.config
         hf = cfg.to_hf()
-        hf["dtype"] = dtype_name
+        hf["dtype"] = hf["torch_dtype"] = dtype_name  # torch_dtype: what transformers < 4.56 reads
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
         gen = {**{k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
                **cfg.generation_config}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
         _write_tokenizer(tokenizer, tmp)
-    return Path(out_dir).expanduser().resolve()
+    target = storage.path(out_dir)
+    return target if storage.is_remote(target) else storage.path(Path(os.fspath(target)).resolve())
 
 
 def _write_tokenizer(tokenizer: Any, dest: Path) -> None:
+    """Copies the tokenizer files of a directory (local, ``gs://`` or hub id) into the local ``dest``, or saves a
+    transformers tokenizer object there."""
     if tokenizer is None:
         return
     if isinstance(tokenizer, (str, os.PathLike)):
-        src = Path(tokenizer)
+        src = storage.resolve_hf_dir(tokenizer, what="tokenizer directory",
+                                     allow_patterns=list(TOKENIZER_FILES)).local
         for f in TOKENIZER_FILES:
             if (src / f).is_file():
                 shutil.copy2(src / f, dest / f)

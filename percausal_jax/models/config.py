@@ -185,9 +185,12 @@ class ModelConfig:
         kw["extra"] = {k: v for k, v in hf.items() if k not in known}
         return cls(**kw)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers-5 ``config.json`` dict (``rope_parameters``, ``layer_types``)."""
-        d = dict(self.extra)
+    def to_hf(self, legacy: bool = True) -> dict[str, Any]:
+        """The transformers-5 ``config.json`` dict (``rope_parameters``, ``layer_types``); with ``legacy`` also the
+        keys older readers (transformers 4.x, vLLM, llama.cpp converters) look for instead: ``rope_theta``,
+        ``rope_scaling`` (null without scaling) and Gemma3's ``rope_local_base_freq``. transformers 5 reads both
+        layouts to the same values (its ``rope_scaling`` takes precedence and carries the same numbers)."""
+        d = {k: v for k, v in self.extra.items() if k not in _LEGACY_KEYS}
         d.update(
             model_type=self.model_type,
             vocab_size=self.vocab_size,
@@ -224,7 +227,25 @@ class ModelConfig:
             d["final_logit_softcapping"] = self.final_logit_softcap
             d["query_pre_attn_scalar"] = self.query_pre_attn_scalar
         d.setdefault("architectures", [_ARCHITECTURES[self.model_type]])
+        if legacy:
+            d.update(_legacy_rope(self))
         return d
+
+
+# config.json keys of the pre-transformers-5 layout that to_hf derives (never copied from ``extra``).
+_LEGACY_KEYS = ("rope_theta", "rope_scaling", "rope_local_base_freq")
+
+
+def _legacy_rope(cfg: ModelConfig) -> dict[str, Any]:
+    """``rope_theta`` + ``rope_scaling`` as transformers 4.x wrote them (Llama 3.1's hub config: ``{"rope_type":
+    "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings":
+    8192}``; ``null`` without scaling); Gemma3 puts its sliding-layer base in ``rope_local_base_freq``."""
+    scaling = {k: v for k, v in cfg.rope.to_hf().items() if k != "rope_theta"}
+    d: dict[str, Any] = {"rope_theta": cfg.rope.theta,
+                         "rope_scaling": scaling if cfg.rope.rope_type != "default" else None}
+    if cfg.model_type == "gemma3_text":
+        d["rope_local_base_freq"] = (cfg.rope_local or cfg.rope).theta
+    return d
 
 
 _ARCHITECTURES = {

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from percausal_jax import storage
 from percausal_jax.errors import UserError
 
 ITEMS = ("state", "iter", "meta")
@@ -21,9 +20,17 @@ LAYOUT_KEYS = ("model_type", "num_params", "scan_layers", "param_dtype", "lora_r
 log = logging.getLogger(__name__)
 
 
-def manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def directory(workdir: storage.PathLike) -> storage.Path:
+    """``WORKDIR/checkpoints`` (absolute for local workdirs; a ``gs://`` workdir stays a URL)."""
+    root = storage.path(workdir)
+    return (root if storage.is_remote(root) else root.resolve()) / "checkpoints"
+
+
+def manager(workdir: storage.PathLike, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """Orbax manager over ``WORKDIR/checkpoints``; on an object store a step counts once its
+    ``commit_success.txt`` is written, so a partial save is never taken as the latest."""
     return ocp.CheckpointManager(
-        Path(workdir).resolve() / "checkpoints", item_names=ITEMS,
+        directory(workdir), item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=True))
 
@@ -64,14 +71,14 @@ def restore(mngr: ocp.CheckpointManager, state, iterator, meta: dict, step: int 
     raise UserError(f"{mngr.directory}: no readable checkpoint ({'; '.join(errors)[:500]})")
 
 
-def check_layout(saved: dict, current: dict, where: Path) -> None:
+def check_layout(saved: dict, current: dict, where) -> None:
     diffs = [f"{k}: checkpoint has {saved.get('layout', {}).get(k)!r}, this run has {current['layout'].get(k)!r}"
              for k in LAYOUT_KEYS if saved.get("layout", {}).get(k) != current["layout"].get(k)]
     if diffs:
         raise UserError(f"{where}: the checkpoint does not match this run's layout ({'; '.join(diffs)})")
 
 
-def read_meta(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
+def read_meta(workdir: storage.PathLike, step: int | None = None) -> tuple[dict, int]:
     mngr = manager(workdir, async_save=False)
     s = step if step is not None else mngr.latest_step()
     if s is None:

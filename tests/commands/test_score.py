@@ -124,7 +124,7 @@ def test_missing_model_files(tmp_path, capsys):
     data = _write(tmp_path / "in.jsonl", RECORDS[:1])
     assert cli.main(["score", "--model", str(tmp_path / "nomodel"), "--data", str(data),
                      "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert "model directory not found" in capsys.readouterr().err
+    assert "no such model directory" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 
 

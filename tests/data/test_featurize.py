@@ -125,8 +125,8 @@ def test_zero_token_prompt_and_bad_settings_are_user_errors():
                             ({"max_prompt_len": 0}, "max_prompt_len=0: expected an integer >= 1")]:
         with pytest.raises(UserError, match=message):
             FeaturizeConfig(**kwargs)
-    with pytest.raises(UserError, match="retriever 'contriever' needs an encoder"):
-        Featurizer(make_tokenizer(), FeaturizeConfig(retriever="contriever"))
+    with pytest.raises(UserError, match="retriever 'contriever' needs an encoder"):  # only where it retrieves
+        Featurizer(make_tokenizer(), FeaturizeConfig(retriever="contriever"))(TWEET)
     with pytest.raises(UserError, match="a tokenizer is needed for template 'chat'"):
         Featurizer(None, FeaturizeConfig(template="chat"))
     with pytest.raises(UserError, match="field 'output': missing"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 from percausal_jax.commands import prepare
 from percausal_jax.data import sources
 from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
+from percausal_jax.data.files import write_jsonl
 from percausal_jax.data.prompts import build_pair
-from percausal_jax.data.records import read_records, write_jsonl
+from percausal_jax.data.records import read_records
 from percausal_jax.data.retrieval import top_k
 from percausal_jax.data.synthetic import generate
 from percausal_jax.errors import UserError
@@ -52,7 +54,7 @@ def test_longlamp_raw_text_prompts(tmp_path, capsys):
         assert row["reviewerId"] == record["reviewerId"] and "profile" not in row and "input" not in row
         assert (row["user_id"], row["task"]) == (record["user_id"], "product_review")
     printed = capsys.readouterr().out
-    assert f"wrote 3 prompt records to {out}; dropped 0" in printed
+    assert f"wrote 3 prompt records to {out}\nkept 3, skipped 0\n" in printed
     assert "profile items used: mean 1.67; examples per item count {1: 1, 2: 2}" in printed
 
 
@@ -70,7 +72,10 @@ def test_lamp_chat_budget_drops_and_round_trips_through_featurize(tmp_path, toke
     rows = read_records(out)
     n_dropped = sum(n > budget for n in zero_item)
     assert n_dropped > 0 and len(rows) == len(records) - n_dropped
-    assert f"dropped {n_dropped}, prompt_too_long {n_dropped}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"kept {len(rows)}, skipped {n_dropped}\n" in printed
+    too_long = [r["id"] for r, n in zip(records, zero_item) if n > budget]
+    assert re.search(rf"\n  prompt_too_long +{n_dropped}  {', '.join(too_long)}\n", printed), printed
     kept = [d for d in direct if hasattr(d, "example")]
     reread = [Featurizer(tok, FeaturizeConfig(template="none", max_prompt_len=budget))(row) for row in rows]
     assert [r.example for r in reread] == [k.example for k in kept]  # the written texts give the same ids

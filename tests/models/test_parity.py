@@ -140,7 +140,7 @@ def test_sharded_export_with_index(tiny_llama_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_missing_dir(tmp_path):
-    with pytest.raises(UserError, match="model directory not found"):
+    with pytest.raises(UserError, match="no such model directory"):
         pj.load_pretrained(tmp_path / "nope")
 
 
