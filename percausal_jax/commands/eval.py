@@ -37,6 +37,11 @@ def run(args) -> int:
     from percausal_jax.data.featurize import FeaturizeConfig
     from percausal_jax.evaluation.evaluate import DecodeConfig, generate_for_records, read_eval_records, score
 
+    if args.model and getattr(args, "overrides", ()):
+        from percausal_jax.errors import UserError
+
+        raise UserError(f"{args.overrides[0]}: --config.* overrides apply to a run's config (--workdir); "
+                        "--model has no config")
     records = read_eval_records(args.data)
     if args.limit:
         records = records[:args.limit]

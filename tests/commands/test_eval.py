@@ -51,3 +51,13 @@ def test_eval_bad_data_is_exit_2(model_and_data, tmp_path, capsys):
     bad.write_text('{"id": "x", "prompt": "a"}\n')
     assert cli.main(["eval", "--model", str(model), "--data", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_config_override_with_model_is_an_error(tmp_path, capsys):
+    from percausal_jax import cli
+
+    rc = cli.main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out",
+                   str(tmp_path / "o.jsonl"), "--config.train.steps=3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--config.train.steps=3" in err and "--workdir" in err
+    assert not (tmp_path / "o.jsonl").exists()
