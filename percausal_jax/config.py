@@ -38,7 +38,8 @@ def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     return cfg
 
 
-def apply_override(cfg: ml_collections.ConfigDict, item: str, source: str = "") -> None:
+def apply_override(cfg: ml_collections.ConfigDict, item: str, source: str = "") -> str:
+    """Sets ``a.b=value`` in ``cfg`` (typed like the existing value); returns the dotted key ``a.b``."""
     if "=" not in item:
         raise UserError(f"override {item!r}: expected --config.key=value")
     key, raw = item.split("=", 1)
@@ -53,6 +54,7 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str, source: str = "") 
         raise UserError(f"override {item!r}: unknown key '{key}' (not in {source})")
     old = node[parts[-1]]
     node[parts[-1]] = _parse(raw, old, key)
+    return key
 
 
 def _parse(raw: str, old, key: str):

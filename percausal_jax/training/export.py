@@ -25,10 +25,6 @@ from percausal_jax.training.step import init_state
 FORMS = ("full", "merged", "peft")
 
 
-def _override_key(item: str) -> str:
-    return item.split("=", 1)[0].removeprefix("--").removeprefix("config.")
-
-
 def _check_workdir(workdir: storage.PathLike) -> None:
     """Before Orbax sees it (its manager would create a missing directory)."""
     root = storage.path(workdir)
@@ -73,8 +69,7 @@ def restore_model(workdir: storage.PathLike, step: int | None = None, overrides:
     cfg = ml_collections.ConfigDict(meta["config"])
     path_override = None
     for item in overrides:
-        apply_override(cfg, item, source=f"the config of {workdir}")
-        if _override_key(item) == "model.path":
+        if apply_override(cfg, item, source=f"the config of {workdir}") == "model.path":
             path_override = str(cfg.model.path)
     source = base_model(meta, path_override, workdir)
     cfg.model.path = str(source.local)
