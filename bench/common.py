@@ -1,8 +1,10 @@
 """Shared helpers of the benchmark scripts: machine info, the RESULTS.md section writer, random Llama configs,
-synthetic paired batches, and abstract (allocation-free) train states for lower+compile.
+synthetic paired batches (``collate``, one example per row), and runs built by the library's spine
+(``setup.build`` from ``configs/base.py`` + overrides, abstractly for lower+compile).
 
-Import-light on purpose: nothing here imports grain, ml_collections, transformers or torch at module level, so
-``bench/gpu_mfu.py`` can use it on a machine that has only jax/flax/optax and this repository.
+Import-light on purpose: nothing here imports grain, ml_collections, transformers or torch at module level (the
+spine helpers import them when called), so ``bench/gpu_mfu.py`` can use it on a machine that has only
+jax/flax/optax and this repository.
 """
 
 from __future__ import annotations
@@ -135,6 +137,14 @@ def round_up(n: int, m: int = 16) -> int:
     return -(-n // m) * m
 
 
+def objective_names(arg: str | None = None) -> list[str]:
+    """``--objectives a,b`` checked against the registry (unknown names are an error naming the choices); every
+    registered objective when ``arg`` is empty."""
+    from percausal_jax.objectives import OBJECTIVES, get
+
+    return [get(n.strip()).name for n in arg.split(",") if n.strip()] if arg else list(OBJECTIVES)
+
+
 def synthetic_examples(B: int, personal_prompt: int, cf_prompt: int, response: int, vocab: int, seed: int = 0):
     """B PairedExamples of random ids: the counterfactual prompt is the last ``cf_prompt`` tokens of the personal
     prompt (the query; the profile is the prefix), the response has exactly ``response`` ids (EOS last)."""
@@ -151,76 +161,71 @@ def synthetic_examples(B: int, personal_prompt: int, cf_prompt: int, response: i
     return out
 
 
-def collate_examples(examples, multiple: int = 16) -> dict:
-    """One example per row, each pass padded to its own max length (rounded up to ``multiple``)."""
+def padded_shapes(examples, multiple: int = 16) -> tuple[int, int, int]:
+    """(Lp, Lc, R) of one example per row, each pass padded to its own max length rounded up to ``multiple``."""
+    return (round_up(max(e.personal_len for e in examples), multiple),
+            round_up(max(e.counterfactual_len for e in examples), multiple),
+            round_up(max(len(e.response_ids) for e in examples), multiple))
+
+
+def collate_examples(examples, multiple: int = 16):
+    """The :class:`~percausal_jax.data.pairing.PairedBatch` of one example per row, shaped by :func:`padded_shapes`."""
     from percausal_jax.data.pairing import collate
 
-    Lp = round_up(max(e.personal_len for e in examples), multiple)
-    Lc = round_up(max(e.counterfactual_len for e in examples), multiple)
-    R = round_up(max(len(e.response_ids) for e in examples), multiple)
-    return collate([[e] for e in examples], Lp, Lc, R).as_dict()
+    return collate([[e] for e in examples], *padded_shapes(examples, multiple))
 
 
-def abstract_batch(batch: dict):
+# ------------------------------------------------------------------------------------- runs built by the spine
+
+
+def run_config(*overrides: str):
+    """The typed :class:`~percausal_jax.config.RunConfig` of ``configs/base.py`` with ``a.b=value`` overrides."""
+    from percausal_jax.config import RunConfig, load_config
+
+    return RunConfig.from_config(load_config(str(REPO / "configs" / "base.py"), list(overrides)), where="bench")
+
+
+def abstract_run(model_config, *overrides: str):
+    """``setup.build(run_config(*overrides), abstract=True)`` on this machine's devices with ``model_config``: the
+    run every command builds, with ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
     import jax
 
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+    from percausal_jax.training import setup
+
+    return setup.build(run_config(*overrides), abstract=True, devices=jax.devices(), model_config=model_config)
 
 
-def objective_config():
-    """The library's objective defaults (ml_collections); falls back to a plain-dict copy when ml_collections is
-    missing (GPU machine): the objectives only call ``cfg[name]``, ``.get`` and attribute access."""
-    from percausal_jax.objectives.losses import default_config
+def batch_spec(run, batch: int, personal_len: int, counterfactual_len: int, response_len: int):
+    """The abstract batch of these shapes, its leading axis sharded over the run's batch axes (as ``aot.plan``)."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    return default_config()
+    from percausal_jax.data.pairing import PairedBatch
 
-
-def abstract_model(mc, *, dtype="float32", param_dtype="float32", scan_layers=False, remat="none",
-                   attention_impl="xla"):
-    """(graphdef, params, frozen) of a CausalLM built abstractly (ShapeDtypeStructs, nothing allocated)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from percausal_jax.models.decoder import CausalLM
-
-    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    abstract = nnx.eval_shape(lambda: CausalLM(mc, dtype=dt[dtype], param_dtype=dt[param_dtype],
-                                               scan_layers=scan_layers, remat_policy=remat,
-                                               attention_impl=attention_impl, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract, nnx.Param, ...)
+    return PairedBatch.spec(batch, personal_len, counterfactual_len, response_len,
+                            sharding=NamedSharding(run.mesh, PartitionSpec(("data", "fsdp"))))
 
 
-def abstract_train_state(params, tx):
+def compile_train_step(run, batch):
+    """lower+compile the run's jitted train step (state donated) on its abstract state and ``batch`` (a spec)."""
     import jax
-    import jax.numpy as jnp
 
-    from percausal_jax.training.step import TrainState
-
-    opt = jax.eval_shape(tx.init, params)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return TrainState(step=scalar, params=params, opt_state=opt, nan_skips=scalar)
-
-
-def compile_train_step(graphdef, params, frozen, batch_abs, objective: str, obj_cfg, tx, *, chunk_size=8192,
-                       donate=True):
-    """lower+compile the library's train step on abstract inputs; returns the Compiled object."""
-    import jax
-    import optax
-
-    from percausal_jax.objectives import registry
-    from percausal_jax.training.step import make_train_step
-
-    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-5), objective, obj_cfg, chunk_size=chunk_size)
-    state = abstract_train_state(params, tx)
-    needs_ref = bool(registry.get(objective).requirements(obj_cfg[objective]).reference)
-    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
-    return jitted.lower(state, frozen, params if needs_ref else None, batch_abs).compile()
+    ref = run.params if run.objective.requirements.reference else None
+    with jax.set_mesh(run.mesh):
+        return run.train_step().lower(run.abstract_state(), run.frozen, ref, batch).compile()
 
 
 def flops_of(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
+
+
+def peak_bytes(compiled) -> int | None:
+    """arguments + temporaries + outputs − aliased (``aot.Plan.peak_bytes``); None without a memory analysis."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
 def gib(b: float) -> str:

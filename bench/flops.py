@@ -1,26 +1,28 @@
-"""FLOP floor of the two-pass objectives: compiled XLA FLOPs of the train step for ce, perce and nextquill on the
-same batch, against the physical floor.
+"""FLOP floor of the two-pass objectives: compiled XLA FLOPs of the train step of every registered objective
+(``percausal_jax.objectives.OBJECTIVES``, or ``--objectives``) on the same batch, against the physical floor.
 
-Floor (what a perfect implementation costs relative to CE):
-- PerCE: CE step + one forward of the counterfactual pass (no backward: the weights are stop-gradient)
-  → floor = 1 + F_fwd(cf) / F_fwd+bwd(p).
-- NextQuill: its alignment term differentiates through the counterfactual pass
-  → floor = 1 + F_fwd+bwd(cf) / F_fwd+bwd(p).
+Floor (what a perfect implementation costs relative to CE), from each objective's ``requirements``:
+CE step + the extra passes it asks for: the counterfactual pass forward only (PerCE: its weights are
+stop-gradient) or forward and backward (NextQuill: its alignment term differentiates through it), and a forward of
+each pass under frozen reference parameters (LossCE) → floor = 1 + F_extra / F_fwd+bwd(p).
 Two versions of each floor are reported:
-- "analytic": ``percausal_jax.training.aot.forward_flops`` (matmuls + dense attention + LM head at response
-  positions), backward = 2× forward;
-- "xla": the same pieces compiled and counted by XLA (F_fwd(cf) = a jitted forward of the counterfactual pass with
-  the chunked gold log-prob head, as PerCE runs it; F_fwd+bwd(cf) = value_and_grad of CE on the counterfactual pass
-  with full logits at response positions, as NextQuill runs it; denominator = the compiled CE train step). Same counting conventions as the measured numbers, so ratio ÷ floor_xla isolates waste.
+- "analytic": ``percausal_jax.training.flops.step_flops`` (matmuls + dense attention + LM head at response
+  positions, backward = 2× forward) over its value for CE;
+- "xla": the same pieces compiled and counted by XLA (each extra pass jitted on its own, forward or value_and_grad
+  of a CE loss on it, with the head the objective uses: the chunked gold log-prob head, or full logits at response
+  positions for NextQuill; denominator = the compiled CE train step). Same counting conventions as the measured
+  numbers, so ratio ÷ floor_xla isolates waste.
 
 ``scan_layers=False`` so XLA's cost analysis counts every layer (with scan it counts the loop body once), and the
 vocabulary-chunked gold log-prob head runs as ONE chunk (``--chunk-size 0`` = V) for the same reason: it is a
 ``lax.scan`` over chunks whose body XLA counts once. The FLOPs of the head do not depend on the chunk size (up to the
 padding of the last chunk); only its memory does. Nothing is
-allocated: model, optimizer state and batch are abstract (ShapeDtypeStruct), only lower+compile runs.
+allocated: model, optimizer state and batch are abstract (ShapeDtypeStruct: ``setup.build(abstract=True)`` from
+``configs/base.py`` with overrides, ``PairedBatch.spec``), only lower+compile runs.
 
     .venv/bin/python bench/flops.py                   # ~100M Llama, B=4, R=128, short and long profile
     .venv/bin/python bench/flops.py --layers 2        # quick
+    .venv/bin/python bench/flops.py --objectives ce,perce,nextquill
 """
 
 from __future__ import annotations
@@ -29,44 +31,51 @@ import argparse
 import time
 
 from common import (
-    abstract_batch,
-    abstract_model,
-    collate_examples,
+    abstract_run,
+    batch_spec,
     compile_train_step,
     flops_of,
     info_block,
     llama_config,
     machine_info,
     md_table,
+    objective_names,
+    padded_shapes,
     synthetic_examples,
     write_section,
 )
 
-OBJECTIVES = ("ce", "perce", "nextquill")
 TARGET = 1.02
 
 
-def component_flops(graphdef, params, frozen, batch_abs, chunk_size: int) -> tuple[float, float]:
-    """XLA-counted pieces of the floors: (F_fwd(cf) with the chunked gold head, as PerCE runs it; F_fwd+bwd(cf) of
-    a CE loss on the counterfactual pass with full logits at response positions, as NextQuill runs it)."""
+def extra_passes(req) -> list[tuple[str, bool]]:
+    """The passes an objective runs beyond CE's differentiated personalized pass: (pass, with backward)."""
+    extra = [("counterfactual", req.counterfactual_grad)] if req.counterfactual else []
+    return extra + [({"p": "personal", "c": "counterfactual"}[r], False) for r in req.reference]
+
+
+def pass_flops(run, batch, which: str, grad: bool, req) -> float:
+    """XLA-counted forward (``grad``: forward and backward) of one pass (``personal`` / ``counterfactual``) of a CE
+    loss with the head ``req`` asks for (chunked gold log-probs, or full logits at response positions; entropy)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from percausal_jax.objectives.registry import Requirements, pass_outputs
+    from percausal_jax.objectives import Requirements
+    from percausal_jax.objectives.passes import pass_outputs
 
-    def cf_nll(req):
-        def f(params, frozen, batch):
-            model = nnx.merge(graphdef, params, frozen)
-            r = batch["response"]
-            out = pass_outputs(model, batch["counterfactual"], r["index_counterfactual"], r["ids"], req, chunk_size)
-            return -jnp.sum(out.logp * r["weight"]) / jnp.maximum(jnp.sum(r["weight"]), 1.0)
-        return f
+    head = Requirements(full_logits=req.full_logits, entropy=req.entropy)
 
-    fwd = jax.jit(cf_nll(Requirements())).lower(params, frozen, batch_abs).compile()
-    fwd_bwd = jax.jit(jax.value_and_grad(cf_nll(Requirements(full_logits=True)))).lower(
-        params, frozen, batch_abs).compile()
-    return flops_of(fwd), flops_of(fwd_bwd)
+    def nll(params, frozen, batch):
+        model = nnx.merge(run.graphdef, params, frozen)
+        r = batch.response
+        index = r.index_personal if which == "personal" else r.index_counterfactual
+        out = pass_outputs(model, getattr(batch, which), index, r.ids, head, run.config.vocab_chunk_size)
+        return -jnp.sum(out.logp * r.weight) / jnp.maximum(jnp.sum(r.weight), 1.0)
+
+    with jax.set_mesh(run.mesh):
+        compiled = jax.jit(jax.value_and_grad(nll) if grad else nll).lower(run.params, run.frozen, batch).compile()
+    return flops_of(compiled)
 
 
 def main() -> None:
@@ -86,51 +95,62 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=0,
                     help="vocabulary chunk of the gold log-prob head (0: the whole vocabulary in one chunk; XLA's "
                          "cost analysis counts a lax.scan body once, so with several chunks it undercounts the head)")
+    ap.add_argument("--objectives", default="",
+                    help="comma-separated registered objectives (default: all; ce is always compiled: the baseline)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch bench/RESULTS.md")
     args = ap.parse_args()
 
-    import optax
+    from percausal_jax.objectives import CE, OBJECTIVES
+    from percausal_jax.training.flops import step_flops
 
-    from percausal_jax.objectives.losses import default_config
-    from percausal_jax.training.aot import forward_flops
-
+    names = [CE.name] + [o for o in objective_names(args.objectives) if o != CE.name]
     info = machine_info()
     chunk = args.chunk_size or args.vocab
     mc = llama_config(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
-    graphdef, params, frozen = abstract_model(mc, scan_layers=False, remat=args.remat)
-    tx = optax.adamw(1e-5, weight_decay=0.01)
-    obj_cfg = default_config()
+    # the run every command builds, abstractly; AdamW at a constant 1e-5, weight decay 0.01, no clipping
+    base = ["model.scan_layers=False", f"model.remat_policy={args.remat}", "model.attention_impl=xla",
+            f"objective.vocab_chunk_size={chunk}", "optimizer.name=adamw", "optimizer.lr=1e-5",
+            "optimizer.schedule=constant", "optimizer.warmup_ratio=0.0", "optimizer.weight_decay=0.01",
+            "optimizer.grad_clip_norm=0.0", f"train.global_batch_size={args.batch}"]
+    runs = {o: abstract_run(mc, *base, f"objective.name={o}") for o in names}
+    ce_req = runs[CE.name].objective.requirements
 
     rows, notes = [], []
     t_all = time.time()
     for case, ratio in (("short profile", args.short_ratio), ("long profile", args.long_ratio)):
         pp = round(args.cf_prompt * ratio)
         examples = synthetic_examples(args.batch, pp, args.cf_prompt, args.response, args.vocab, seed=0)
-        batch = collate_examples(examples)
-        babs = abstract_batch(batch)
-        B, Lp = batch["personal"]["tokens"].shape
-        Lc, R = batch["counterfactual"]["tokens"].shape[1], batch["response"]["ids"].shape[1]
+        B, (Lp, Lc, R) = len(examples), padded_shapes(examples)
+        batch = batch_spec(runs[CE.name], B, Lp, Lc, R)
+        shapes = f"{B}×{Lp} / {B}×{Lc} / {R}"
         t0 = time.time()
-        fl = {o: flops_of(compile_train_step(graphdef, params, frozen, babs, o, obj_cfg, tx,
-                                             chunk_size=chunk)) for o in OBJECTIVES}
-        f_cf_fwd, f_cf_fwdbwd = component_flops(graphdef, params, frozen, babs, chunk)
-        fp_a, fc_a = forward_flops(mc, B, Lp, R), forward_flops(mc, B, Lc, R)
-        floors_analytic = {"perce": 1 + fc_a / (3 * fp_a), "nextquill": 1 + 3 * fc_a / (3 * fp_a)}
-        floors_xla = {"perce": 1 + f_cf_fwd / fl["ce"], "nextquill": 1 + f_cf_fwdbwd / fl["ce"]}
+        fl = {o: flops_of(compile_train_step(run, batch)) for o, run in runs.items()}
+        extra: dict[tuple, float] = {}  # XLA FLOPs of one extra pass: (pass, backward, full logits, entropy)
+        floors_analytic, floors_xla = {}, {}
+        for o, run in runs.items():
+            req = run.objective.requirements
+            for which, grad in extra_passes(req):
+                key = (which, grad, req.full_logits, req.entropy)
+                if key not in extra:
+                    extra[key] = pass_flops(run, batch, which, grad, req)
+            floors_analytic[o] = step_flops(mc, req, B, Lp, Lc, R) / step_flops(mc, ce_req, B, Lp, Lc, R)
+            floors_xla[o] = 1 + sum(extra[(w, g, req.full_logits, req.entropy)] for w, g in extra_passes(req)) / fl[
+                CE.name]
         print(f"[{case}] B={B} Lp={Lp} Lc={Lc} R={R}: compiled in {time.time() - t0:.0f} s; "
-              + ", ".join(f"{o}={fl[o]:.4e}" for o in OBJECTIVES)
-              + f"; cf fwd {f_cf_fwd:.4e}, cf fwd+bwd {f_cf_fwdbwd:.4e}", flush=True)
-        rows.append([case, f"{B}×{Lp} / {B}×{Lc} / {R}", "ce", fl["ce"], "1", "–", "–", "–", "–"])
-        for o in ("perce", "nextquill"):
-            meas = fl[o] / fl["ce"]
-            rows.append([case, f"{B}×{Lp} / {B}×{Lc} / {R}", o, fl[o]] + [f"{x:.4f}" for x in (
+              + ", ".join(f"{o}={fl[o]:.4e}" for o in names) + "; extra passes "
+              + ", ".join(f"{w}{' fwd+bwd' if g else ' fwd'}{' full logits' if f else ''}{' entropy' if e else ''} "
+                          f"{v:.4e}" for (w, g, f, e), v in extra.items()), flush=True)
+        rows.append([case, shapes, CE.name, fl[CE.name], "1", "–", "–", "–", "–"])
+        for o in names[1:]:
+            meas = fl[o] / fl[CE.name]
+            rows.append([case, shapes, o, fl[o]] + [f"{x:.4f}" for x in (
                 meas, floors_analytic[o], floors_xla[o], meas / floors_analytic[o], meas / floors_xla[o])])
         # where FLOPs beyond the floors go, in units of one LM-head forward at response positions
         head_fwd = 2 * B * R * mc.hidden_size * mc.vocab_size
         notes.append(f"- {case}: one LM-head forward at response positions (2·B·R·D·V) = {head_fwd:.3e} FLOPs = "
-                     f"{head_fwd / fl['ce']:.3f} of the CE step; NextQuill − xla floor = "
-                     f"{(fl['nextquill'] - fl['ce'] * floors_xla['nextquill']) / head_fwd:+.2f} head forwards; "
-                     f"PerCE − xla floor = {(fl['perce'] - fl['ce'] * floors_xla['perce']) / head_fwd:+.2f}.")
+                     f"{head_fwd / fl[CE.name]:.3f} of the CE step; measured − xla floor, in head forwards: "
+                     + ", ".join(f"{OBJECTIVES[o].__name__} {(fl[o] - fl[CE.name] * floors_xla[o]) / head_fwd:+.2f}"
+                                 for o in names[1:]) + ".")
 
     headers = ["case", "B×Lp / B×Lc / R", "objective", "compiled FLOPs", "ratio vs ce", "floor (analytic)",
                "floor (xla)", "ratio ÷ floor (analytic)", "ratio ÷ floor (xla)"]
@@ -138,7 +158,7 @@ def main() -> None:
     print(table)
     print("\n".join(notes))
     print(f"total {time.time() - t_all:.0f} s")
-    met = all(float(r[8]) <= TARGET for r in rows if r[2] != "ce")
+    met = all(float(r[8]) <= TARGET for r in rows if r[2] != CE.name)
     body = "\n".join([
         info_block({**info, "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
                     f"/ {args.kv_heads} KV heads, ffn {args.ffn}, vocab {args.vocab}, untied head, "

@@ -2,16 +2,19 @@
 cuDNN attention (falls back to XLA attention if cuDNN rejects it), remat chosen per objective as the first policy in
 ``--remat`` that compiles and runs.
 
-MFU = model FLOPs / step time / peak. Model FLOPs follow ``percausal_jax.training.aot.step_flops``: a forward is
-2·(layer params)·tokens + dense attention (4·layers·heads·head_dim·S²) + the LM head at response positions only;
-CE = 3 × forward(personal); PerCE = CE + 1 × forward(counterfactual) (no backward through it). Also reported:
-"6N MFU", which counts 6·(non-embedding params)·trained tokens only (the convention of the spec's anchors).
-Peak: H100 SXM / H200 bf16 dense 989 TFLOP/s (``--peak-tflops`` to override).
+MFU = model FLOPs / step time / peak. Model FLOPs follow ``percausal_jax.training.flops.step_flops`` (from each
+objective's ``requirements``): a forward is 2·(layer params)·tokens + dense attention
+(4·layers·heads·head_dim·S²) + the LM head at response positions only; CE = 3 × forward(personal); PerCE = CE + 1 × forward(counterfactual) (no
+backward through it). Also reported: "6N MFU", which counts 6·(non-embedding params)·tokens of each pass (×3 with
+a backward, ×1 without) only (the convention of the spec's anchors). Peak: H100 SXM / H200 bf16 dense 989 TFLOP/s
+(``--peak-tflops`` to override). ``--objectives`` takes any registered objectives (objective values from
+``percausal_jax.objectives``, their defaults); objectives with a frozen reference get a copy of the initial
+parameters.
 
-Runs with only jax, flax, optax, numpy and this repository: ml_collections (used by the objectives' default config)
-is replaced by a small stand-in when missing, and the package ``__init__`` (which imports safetensors for the HF
-checkpoint helpers) is bypassed when safetensors is missing. Nothing here imports grain, orbax, transformers or
-torch.
+Runs with only jax, flax, optax, numpy and this repository: the model, train state and step are built here from
+the library's parts (``CausalLM``, ``training.step``), not by ``training.setup`` (which needs ml_collections, grain,
+safetensors, transformers), and the package ``__init__`` (which imports safetensors for the HF checkpoint helpers)
+is bypassed when safetensors is missing. Nothing here imports ml_collections, grain, orbax, transformers or torch.
 
     python bench/gpu_mfu.py                          # on the GPU machine; writes $OUT/gpu_mfu.{json,md} if $OUT
     .venv/bin/python bench/gpu_mfu.py --dry-run      # CPU, tiny config: proves the script runs
@@ -39,34 +42,9 @@ TARGET_CE_MFU, TARGET_PERCE_REL = 0.50, 0.05
 # ------------------------------------------------------------------------------------------- import bootstrap
 
 
-class _AttrDict(dict):
-    """Enough of ml_collections.ConfigDict for the objectives: nested attribute access and ``.get``."""
-
-    def __init__(self, d=None, **kw):
-        super().__init__()
-        for k, v in dict(d or {}, **kw).items():
-            self[k] = _AttrDict(v) if isinstance(v, dict) else v
-
-    def __getattr__(self, k):
-        try:
-            return self[k]
-        except KeyError:
-            raise AttributeError(k) from None
-
-    def __setattr__(self, k, v):
-        self[k] = v
-
-
 def bootstrap_imports() -> list[str]:
-    """Stand-ins for optional packages the benchmark does not need; returns what was stubbed."""
+    """Bypasses what the benchmark does not need when it is missing; returns what was bypassed."""
     stubbed = []
-    try:
-        import ml_collections  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("ml_collections")
-        mod.ConfigDict = _AttrDict
-        sys.modules["ml_collections"] = mod
-        stubbed.append("ml_collections (stand-in ConfigDict)")
     try:
         import safetensors  # noqa: F401
     except ImportError:  # skip percausal_jax/__init__.py (it imports the HF checkpoint helpers)
@@ -80,27 +58,20 @@ def bootstrap_imports() -> list[str]:
 # --------------------------------------------------------------------------------------------------- FLOPs
 
 
-def forward_flops(mc, batch: int, seq: int, response: int) -> float:
-    try:
-        from percausal_jax.training.aot import (
-            forward_flops as f,  # needs safetensors (hf.checkpoint)
-        )
+def model_flops(objective, mc, B: int, Lp: int, Lc: int, R: int) -> float:
+    from percausal_jax.training.flops import step_flops
 
-        return f(mc, batch, seq, response)
-    except ImportError:  # same formula as aot.forward_flops
-        n_layer = mc.num_params() - mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
-        attn = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * seq * seq
-        return batch * (2 * n_layer * seq + attn + 2 * mc.hidden_size * mc.vocab_size * response)
+    return step_flops(mc, objective.requirements, B, Lp, Lc, R)
 
 
-def model_flops(objective: str, mc, B: int, Lp: int, Lc: int, R: int) -> float:
-    fp, fc = forward_flops(mc, B, Lp, R), forward_flops(mc, B, Lc, R)
-    return 3 * fp + (fc if objective == "perce" else 0.0)
-
-
-def six_n_flops(objective: str, mc, B: int, Lp: int, Lc: int) -> float:
+def six_n_flops(objective, mc, B: int, Lp: int, Lc: int) -> float:
+    """6·N per personalized token; per counterfactual token 6·N with a backward through it, else 2·N; 2·N per
+    token of each pass under the frozen reference."""
+    req = objective.requirements
     n = mc.num_params() - mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
-    return 6 * n * B * Lp + (2 * n * B * Lc if objective == "perce" else 0.0)
+    cf = (6 if req.counterfactual_grad else 2) * n * B * Lc if req.counterfactual else 0.0
+    ref = 2 * n * B * (Lp * ("p" in req.reference) + Lc * ("c" in req.reference))
+    return 6 * n * B * Lp + cf + ref
 
 
 def peak_flops(device_kind: str, override: float | None) -> float | None:
@@ -132,36 +103,34 @@ def build(mc, remat: str, attention: str, dtype):
 
 def measure(objective, mc, batch, args, remat, attention, dtype) -> dict:
     import jax
+    import jax.numpy as jnp
     import optax
+    from common import peak_bytes
 
-    from percausal_jax.objectives.losses import default_config
     from percausal_jax.training.step import init_state, jit_train_step, make_train_step
 
     graphdef, params, frozen = build(mc, remat, attention, dtype)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5, weight_decay=0.01))
-    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-5), objective, default_config(),
-                           chunk_size=args.chunk_size)
+    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-5), objective, chunk_size=args.chunk_size)
+    ref = jax.tree.map(jnp.copy, params) if objective.requirements.reference else None
     state = init_state(params, tx)
     del params
     fn = jit_train_step(step, state)
     t0 = time.perf_counter()
-    compiled = fn.lower(state, frozen, None, batch).compile()
+    compiled = fn.lower(state, frozen, ref, batch).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
     for _ in range(args.warmup):
-        state, m = compiled(state, frozen, None, batch)
+        state, m = compiled(state, frozen, ref, batch)
     jax.block_until_ready((state, m))
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = compiled(state, frozen, None, batch)
+        state, m = compiled(state, frozen, ref, batch)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"compile_s": compile_s, "step_s": times[len(times) // 2], "min_step_s": times[0],
-            "loss": float(m["loss"]), "remat": remat, "attention": attention,
-            "peak_bytes": None if mem is None else int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                                                       + mem.output_size_in_bytes - mem.alias_size_in_bytes)}
+            "loss": float(m["loss"]), "remat": remat, "attention": attention, "peak_bytes": peak_bytes(compiled)}
 
 
 def main() -> None:
@@ -177,7 +146,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048, help="personal sequence length Lp (prompt + response)")
     ap.add_argument("--response", type=int, default=512)
     ap.add_argument("--cf-prompt", type=int, default=128, help="counterfactual prompt tokens (Lc = this + R - 1)")
-    ap.add_argument("--objectives", default="ce,perce")
+    ap.add_argument("--objectives", default=None,
+                    help="comma-separated registered objectives (default: ce,perce, the two the targets concern)")
     ap.add_argument("--remat", default="none,minimal,full", help="policies to try in order (first that fits)")
     ap.add_argument("--attention", default="cudnn", help="cudnn | xla (cudnn falls back to xla on error)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -204,16 +174,21 @@ def main() -> None:
         llama_config,
         machine_info,
         md_table,
+        objective_names,
         synthetic_examples,
     )
+
+    from percausal_jax.data.pairing import shape_of
+    from percausal_jax.objectives import CE, OBJECTIVES, PerCE
+
+    names = objective_names(args.objectives or f"{CE.name},{PerCE.name}")
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     mc = llama_config(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
     pp = args.seq - args.response + 1
     examples = synthetic_examples(args.batch, pp, args.cf_prompt, args.response, args.vocab)
     batch = jax.tree.map(jnp.asarray, collate_examples(examples))
-    B, Lp = batch["personal"]["tokens"].shape
-    Lc, R = batch["counterfactual"]["tokens"].shape[1], batch["response"]["ids"].shape[1]
+    B, (Lp, Lc, R) = len(examples), shape_of(batch)
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind, args.peak_tflops)
     info = machine_info({"device": kind, "stand-ins": ", ".join(stubbed) or "none"})
@@ -221,12 +196,13 @@ def main() -> None:
           f"B={B} Lp={Lp} Lc={Lc} R={R}", flush=True)
 
     results = {}
-    for o in args.objectives.split(","):
+    for o in names:
+        objective = OBJECTIVES[o]()  # the registered defaults
         res = None
         for remat in args.remat.split(","):
             for attention in dict.fromkeys([args.attention, "xla"]):
                 try:
-                    res = measure(o, mc, batch, args, remat, attention, dtype)
+                    res = measure(objective, mc, batch, args, remat, attention, dtype)
                     break
                 except Exception as e:  # noqa: BLE001 - OOM or an unsupported attention kernel: try the next
                     msg = str(e).splitlines()[0][:200]
@@ -240,7 +216,7 @@ def main() -> None:
         if res is None:
             print(f"[{o}] no configuration ran", flush=True)
             continue
-        mf, six = model_flops(o, mc, B, Lp, Lc, R), six_n_flops(o, mc, B, Lp, Lc)
+        mf, six = model_flops(objective, mc, B, Lp, Lc, R), six_n_flops(objective, mc, B, Lp, Lc)
         res.update(model_flops=mf, tflops_per_s=mf / res["step_s"] / 1e12,
                    mfu=(mf / res["step_s"] / peak) if peak else None,
                    mfu_6n=(six / res["step_s"] / peak) if peak else None,
@@ -258,8 +234,8 @@ def main() -> None:
                "MFU", "6N MFU", "personal tok/s", "compiled peak GiB"]
     table = md_table(headers, rows)
     verdict = ""
-    if "ce" in results and "perce" in results and peak:
-        ce, pc = results["ce"]["mfu"], results["perce"]["mfu"]
+    if CE.name in results and PerCE.name in results and peak:
+        ce, pc = results[CE.name]["mfu"], results[PerCE.name]["mfu"]
         verdict = (f"Targets: CE MFU ≥ {TARGET_CE_MFU:.0%}: {'met' if ce >= TARGET_CE_MFU else 'NOT met'} "
                    f"({pct(ce)}); PerCE MFU within {TARGET_PERCE_REL:.0%} of CE (counting its extra forward): "
                    f"{'met' if pc >= ce * (1 - TARGET_PERCE_REL) else 'NOT met'} ({pct(pc)} vs {pct(ce)}).")

@@ -1,11 +1,12 @@
 """Identification benchmark: do PIR (PerCE) and DCE (NextQuill) find the personal tokens of a response?
 
-Synthetic records (``percausal_jax.data.synthetic.generate``) plant a per-user style (opening line, adjective,
-invented word, sign-off); each output carries ``personal_spans`` (character spans of the style pieces). Prompts are
-built exactly as the data pipeline does (``Featurizer`` with ``FeaturizeConfig(template="chat", k=2)``: BM25 top-2
-profile items, SmolLM2's chat template), scored with ``percausal_jax.scoring.score_examples`` on SmolLM2-135M-Instruct
-(base weights, no training). A response token is *personal* if its character span (from decoding the completion
-token by token) overlaps a personal span; the EOS token is left out.
+Synthetic records (``percausal_jax.data.synthetic.generate``) plant a per-user style (opening line, adjective, invented
+word, sign-off); each output carries ``personal_spans`` (character spans of the style pieces). Prompts are built exactly
+as the data pipeline does (``Featurizer`` with ``FeaturizeConfig(template="chat", k=2)``: BM25 top-2 profile items,
+SmolLM2's chat template), scored with ``percausal_jax.scoring.score_examples`` (every scorable registered objective at
+its defaults: ``scoring.scorable()``) on SmolLM2-135M-Instruct (base weights, no training; loaded with
+``training.setup.pretrained``). A response token is *personal* if its character span (from decoding the completion token
+by token) overlaps a personal span; the EOS token is left out.
 
 Scores compared, per token:
 - PIR = log p(y|profile, x) − log p(y|x)            (PerCE's estimator)
@@ -13,9 +14,10 @@ Scores compared, per token:
 - overlap (binary): one of the token's words / punctuation marks occurs in the user's profile texts (all items)
 - overlap (graded): the fraction of profile items containing it (max over the token's words)
 Reported: AUROC, best-threshold F1 (the threshold chosen on the same data: an upper bound), and F1 at the rule the
-methods use (PIR > 0, DCE > 0.05 = NextQuill's δ, overlap > 0).
+methods use (PIR > 0, DCE > δ = NextQuill's default delta, 0.05; overlap > 0).
 
     .venv/bin/python bench/identification.py                   # 15 users × 4 completions
+    .venv/bin/python bench/identification.py --users 2 --per-user 1 --no-write   # quick
 """
 
 from __future__ import annotations
@@ -91,19 +93,16 @@ def main() -> None:
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    import percausal_jax as pj
     from percausal_jax.data.featurize import FeaturizeConfig, Featurizer, Kept
     from percausal_jax.data.synthetic import generate
-    from percausal_jax.hf.gguf import resolve_model_arg
-    from percausal_jax.objectives.losses import default_config
-    from percausal_jax.scoring import score_examples
+    from percausal_jax.objectives import NextQuill
+    from percausal_jax.scoring import scorable, score_examples
+    from percausal_jax.training.setup import pretrained
 
     t0 = time.time()
     info = machine_info()
-    model_dir = resolve_model_arg(args.model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    loaded = pretrained(args.model, dtype="float32")
+    model_dir, tok = loaded.source.local, loaded.tokenizer
     records = generate(args.users, args.profile_items, args.per_user, args.seed)
     feat = Featurizer(tok, FeaturizeConfig(template="chat", k=args.k))
     examples, kept = [], []
@@ -112,8 +111,7 @@ def main() -> None:
         if isinstance(res, Kept):
             examples.append(res.example)
             kept.append(rec)
-    model = pj.load_pretrained(model_dir, dtype="float32")
-    scores = list(score_examples(model, examples, default_config(), batch_size=args.batch))
+    scores = list(score_examples(loaded.model, examples, scorable(), batch_size=args.batch))
     t_score = time.time() - t0
 
     labels, pir, dce, ov_bin, ov_grad = [], [], [], [], []
@@ -135,7 +133,8 @@ def main() -> None:
     y = np.asarray(labels, bool)
     cols = {"PIR (PerCE)": np.asarray(pir), "DCE (NextQuill)": np.asarray(dce),
             "word overlap, binary": np.asarray(ov_bin), "word overlap, graded": np.asarray(ov_grad)}
-    rules = {"PIR (PerCE)": ("PIR > 0", lambda s: s > 0), "DCE (NextQuill)": ("DCE > 0.05", lambda s: s > 0.05),
+    delta = NextQuill().delta  # the threshold NextQuill upweights at (its default)
+    rules = {"PIR (PerCE)": ("PIR > 0", lambda s: s > 0), "DCE (NextQuill)": (f"DCE > {delta:g}", lambda s: s > delta),
              "word overlap, binary": ("overlap > 0", lambda s: s > 0),
              "word overlap, graded": ("overlap > 0", lambda s: s > 0)}
     rows = []

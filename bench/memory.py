@@ -1,11 +1,14 @@
 """Compiled memory of the train step per objective and sequence length: XLA's ``memory_analysis()`` (arguments,
 temporaries, outputs, donated aliases) of the jitted step with the state donated, on abstract inputs (nothing is
-allocated), for a ~100M Llama with ``scan_layers=True`` and remat 'full' vs 'none'.
+allocated: the run is ``setup.build(abstract=True)`` from ``configs/base.py`` with overrides, the batch
+``PairedBatch.spec``), for a ~100M Llama with ``scan_layers=True`` and remat 'full' vs 'none', for every registered
+objective (``--objectives`` to choose; objectives with a frozen reference also take its parameters as arguments).
 
 Peak = arguments + temporaries + outputs − aliased (the same formula as ``percausal_jax.training.aot.Plan``).
 The personal sequence has Lp tokens (prompt + response), the counterfactual one Lc = Lp / 4, the response R.
 
     .venv/bin/python bench/memory.py                          # Lp 512..4096, B=1, R=64
+    .venv/bin/python bench/memory.py --layers 2 --lengths 512 --remat full --objectives ce,perce   # quick
 """
 
 from __future__ import annotations
@@ -14,29 +17,18 @@ import argparse
 import time
 
 from common import (
-    abstract_model,
+    abstract_run,
+    batch_spec,
     compile_train_step,
     gib,
     info_block,
     llama_config,
     machine_info,
     md_table,
+    objective_names,
+    peak_bytes,
     write_section,
 )
-
-OBJECTIVES = ("ce", "perce", "nextquill")
-
-
-def abstract_paired_batch(B: int, Lp: int, Lc: int, R: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    seq = lambda L: {k: jax.ShapeDtypeStruct((B, L), jnp.int32)
-                     for k in ("tokens", "positions", "segment_ids")}
-    resp = {k: jax.ShapeDtypeStruct((B, R), dt) for k, dt in (
-        ("ids", jnp.int32), ("weight", jnp.float32), ("seq_weight", jnp.float32), ("index_personal", jnp.int32),
-        ("index_counterfactual", jnp.int32))}
-    return {"personal": seq(Lp), "counterfactual": seq(Lc), "response": resp}
 
 
 def main() -> None:
@@ -52,37 +44,38 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,1024,2048,4096", help="personal sequence lengths Lp")
     ap.add_argument("--cf-fraction", type=float, default=0.25)
     ap.add_argument("--remat", default="full,none")
-    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--objectives", default="",
+                    help="comma-separated registered objectives (default: all; ce is always compiled: the baseline)")
     ap.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
     ap.add_argument("--chunk-size", type=int, default=8192)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
-    import optax
-
-    from percausal_jax.objectives.losses import default_config
+    from percausal_jax.objectives import CE, NextQuill
 
     info = machine_info()
     mc = llama_config(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
-    tx = optax.adamw(1e-5, weight_decay=0.01)
-    obj_cfg = default_config()
-    objectives = args.objectives.split(",")
+    objectives = [CE.name] + [o for o in objective_names(args.objectives) if o != CE.name]
+    # the run every command builds, abstractly; AdamW at a constant 1e-5, weight decay 0.01, no clipping
+    base = ["model.dtype=float32", f"model.compute_dtype={args.dtype}", "model.scan_layers=True",
+            "model.attention_impl=xla", f"objective.vocab_chunk_size={args.chunk_size}", "optimizer.name=adamw",
+            "optimizer.lr=1e-5", "optimizer.schedule=constant", "optimizer.warmup_ratio=0.0",
+            "optimizer.weight_decay=0.01", "optimizer.grad_clip_norm=0.0", f"train.global_batch_size={args.batch}"]
     rows = []
     peaks = {}
     t_all = time.time()
     for remat in args.remat.split(","):
-        graphdef, params, frozen = abstract_model(mc, dtype=args.dtype, scan_layers=True, remat=remat)
+        runs = {o: abstract_run(mc, *base, f"model.remat_policy={remat}", f"objective.name={o}")
+                for o in objectives}
         for Lp in (int(x) for x in args.lengths.split(",")):
             Lc = max(int(Lp * args.cf_fraction), args.response + 1)
-            batch = abstract_paired_batch(args.batch, Lp, Lc, args.response)
-            for o in objectives:
+            for o, run in runs.items():
                 t0 = time.time()
-                c = compile_train_step(graphdef, params, frozen, batch, o, obj_cfg, tx, chunk_size=args.chunk_size)
+                c = compile_train_step(run, batch_spec(run, args.batch, Lp, Lc, args.response))
                 m = c.memory_analysis()
-                peak = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-                        - m.alias_size_in_bytes)
+                peak = peak_bytes(c)
                 peaks[(remat, Lp, o)] = peak
-                rel = peak / peaks[(remat, Lp, "ce")] if (remat, Lp, "ce") in peaks else float("nan")
+                rel = peak / peaks[(remat, Lp, CE.name)]
                 rows.append([remat, o, Lp, Lc, args.response, gib(m.argument_size_in_bytes),
                              gib(m.temp_size_in_bytes), gib(m.output_size_in_bytes), gib(m.alias_size_in_bytes),
                              gib(peak), f"{rel:.3f}"])
@@ -98,8 +91,9 @@ def main() -> None:
     nq_extra = []
     for remat in args.remat.split(","):
         for Lp in (int(x) for x in args.lengths.split(",")):
-            if (remat, Lp, "nextquill") in peaks and (remat, Lp, "ce") in peaks:
-                nq_extra.append(f"{remat}/{Lp}: +{gib(peaks[(remat, Lp, 'nextquill')] - peaks[(remat, Lp, 'ce')])}")
+            if (remat, Lp, NextQuill.name) in peaks:
+                extra = peaks[(remat, Lp, NextQuill.name)] - peaks[(remat, Lp, CE.name)]
+                nq_extra.append(f"{remat}/{Lp}: +{gib(extra)}")
     scores = 4 * args.batch * args.heads * max(int(x) for x in args.lengths.split(",")) ** 2
     body = "\n".join([
         info_block({**info, "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "

@@ -9,11 +9,17 @@ The reference does what the papers' code does (shared/specs/perce.md §3, nextqu
 - NextQuill: both passes left-padded to ONE length (the longer, personalized one) so positions line up, gradient
   through both; ω = 0.9 if p_h − p_0 > 0.05 else 0.1, normalized by Σω; L_p = mean CE(z_h − z_0, y); loss = L_n +
   0.1·L_p;
-- backward, ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` step (HF Trainer defaults: clipping 1.0, wd 0.01 here).
-Ours: ``make_train_step`` (library defaults: scan_layers=True, remat none, fp32, vocab-chunked gold log-probs for
-PerCE, full logits at response positions only for NextQuill), optax clip_by_global_norm(1.0) + adamw, state donated.
+- backward, ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` step (HF Trainer defaults: clipping 1.0, no weight
+  decay on norms and biases; wd 0.01 here).
+The hyper-parameters of both references are the library objectives' defaults (``PerCE()``, ``NextQuill()``).
+Ours: the run every command builds (``training.setup.build`` from ``configs/base.py`` with overrides: scan_layers=True,
+remat none, fp32, vocab-chunked gold log-probs for PerCE, full logits at response positions only for NextQuill;
+AdamW at a constant lr with weight decay 0.01 on matrices, global-norm clipping 1.0), its jitted train step with the
+state donated.
 
     .venv/bin/python bench/speed_vs_torch.py                   # SmolLM2-135M-Instruct, B=4, ~256/~64/~64
+    .venv/bin/python bench/speed_vs_torch.py --batch 1 --personal-prompt 48 --cf-prompt 16 --response 16 \
+        --jitter 0 --rounds 1 --warmup 0 --objectives perce --no-write          # quick
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import statistics
 import time
 
 import numpy as np
-from common import info_block, machine_info, md_table, round_up, write_section
+from common import collate_examples, info_block, machine_info, md_table, run_config, write_section
 
 TARGET = 1.5
 
@@ -99,9 +105,16 @@ def torch_batches(examples, pad_id: int):
 # ------------------------------------------------------------------------------------------- reference steps
 
 
-def make_torch_steps(model, opt, clip: float):
+def make_torch_steps(model, opt, clip: float) -> dict:
+    """Objective name → reference step, with the library objectives' default hyper-parameters."""
     import torch
     import torch.nn.functional as F
+
+    from percausal_jax.objectives import NextQuill, PerCE
+
+    perce, nq = PerCE(), NextQuill()
+    if nq.weighted_lp or nq.fixed_theta_d:  # pragma: no cover - the defaults; the reference implements only these
+        raise ValueError("the NextQuill reference implements weighted_lp=False, fixed_theta_d=False")
 
     def gold_logp(logits, labels):
         """full [B, L, V] log-softmax in fp32, gold gathered at shifted labels → (flat logp of valid, valid mask)."""
@@ -123,7 +136,7 @@ def make_torch_steps(model, opt, clip: float):
         lp_p = gold_logp(model(input_ids=ip, attention_mask=mp).logits, yp)
         with torch.no_grad():
             lp_c = gold_logp(model(input_ids=ic, attention_mask=mc).logits, yc)
-            w = torch.clamp(lp_p.detach() - lp_c, 0.8, 5.0)
+            w = torch.clamp(lp_p.detach() - lp_c, perce.clip_min, perce.clip_max)
         return finish(torch.sum(w * -lp_p) / lp_p.numel())
 
     def nextquill_step(t):
@@ -136,38 +149,38 @@ def make_torch_steps(model, opt, clip: float):
         ysafe = yy.clamp(min=0)
         p1 = torch.softmax(sl, -1).gather(-1, ysafe[:, None])[:, 0]
         p2 = torch.softmax(sl1, -1).gather(-1, ysafe[:, None])[:, 0]
-        w = torch.where(p1 - p2 > 0.05, 0.9, 0.1) * valid
+        w = torch.where(p1 - p2 > nq.delta, nq.high, nq.low) * valid
         w = w / w.sum()
         l_p = F.cross_entropy(sl - sl1, yy, ignore_index=-100)
         l_n = (w * F.cross_entropy(sl, yy, ignore_index=-100, reduction="none")).sum()
-        return finish(l_n + 0.1 * l_p)
+        return finish(l_n + nq.alpha * l_p)
 
-    return {"perce": perce_step, "nextquill": nextquill_step}
+    return {perce.name: perce_step, nq.name: nextquill_step}
 
 
 # ------------------------------------------------------------------------------------------------- FLOP model
 
 
-def analytic_flops(mc, objective: str, B: int, ours_shapes: tuple, theirs_shapes: dict) -> tuple[float, float]:
-    """Matmul + attention FLOPs of one step (``aot.forward_flops``; backward = 2× forward): ours runs the head at
-    the R response positions only, the reference at every position of its padded sequences (full logits)."""
-    from percausal_jax.training.aot import forward_flops
+def analytic_flops(mc, objective, B: int, ours_shapes: tuple, theirs_shapes: tuple) -> tuple[float, float]:
+    """Matmul + attention FLOPs of one step (``training.flops``; backward = 2× forward): ours runs the head at the R
+    response positions only (``step_flops`` of the objective's requirements), the reference at every position of
+    its padded sequences (full logits)."""
+    from percausal_jax.training.flops import forward_flops, step_flops
 
     Lp, Lc, R = ours_shapes
-    (_, Lpt), (_, Lct) = theirs_shapes[objective]
-    if objective == "perce":
-        ours = 3 * forward_flops(mc, B, Lp, R) + forward_flops(mc, B, Lc, R)
-        theirs = 3 * forward_flops(mc, B, Lpt, Lpt) + forward_flops(mc, B, Lct, Lct)
-    else:
-        ours = 3 * forward_flops(mc, B, Lp, R) + 3 * forward_flops(mc, B, Lc, R)
-        theirs = 3 * forward_flops(mc, B, Lpt, Lpt) + 3 * forward_flops(mc, B, Lct, Lct)
+    (_, Lpt), (_, Lct) = theirs_shapes
+    req = objective.requirements
+    ours = step_flops(mc, req, B, Lp, Lc, R)
+    theirs = 3 * forward_flops(mc, B, Lpt, Lpt)
+    if req.counterfactual:
+        theirs += (3 if req.counterfactual_grad else 1) * forward_flops(mc, B, Lct, Lct)
     return ours, theirs
 
 
-def analysis_text(mc, objectives, B, ours_shapes, theirs_shapes, measured: dict) -> str:
+def analysis_text(mc, objectives: dict, B, ours_shapes, theirs_shapes, measured: dict) -> str:
     lines = []
-    for o in objectives:
-        fo, ft = analytic_flops(mc, o, B, ours_shapes, theirs_shapes)
+    for o, objective in objectives.items():
+        fo, ft = analytic_flops(mc, objective, B, ours_shapes, theirs_shapes[o])
         m = measured.get(o)
         lines.append(f"- {o}: analytic step FLOPs ours {fo:.3e}, reference {ft:.3e} → the speed-up a perfect "
                      f"implementation gets from doing less work at equal FLOP/s is {ft / fo:.2f}×"
@@ -189,7 +202,8 @@ def main() -> None:
     ap.add_argument("--jitter", type=int, default=16, help="± spread of the personal prompt length")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--objectives", default="perce,nextquill")
+    ap.add_argument("--objectives", default=None,
+                    help="comma-separated objectives with a PyTorch reference (default: all of them: perce,nextquill)")
     ap.add_argument("--no-scan", action="store_true", help="ours with scan_layers=False")
     ap.add_argument("--chunk-size", type=int, default=8192)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -198,49 +212,47 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import jax
-    import jax.numpy as jnp
-    import optax
     import torch
-    from flax import nnx
     from transformers import AutoModelForCausalLM
 
-    import percausal_jax as pj
+    from percausal_jax.data.pairing import shape_of
+    from percausal_jax.data.pipeline import to_global
+    from percausal_jax.hf.checkpoint import read_config, resolve_model_dir
     from percausal_jax.hf.gguf import resolve_model_arg
-    from percausal_jax.objectives.losses import default_config
-    from percausal_jax.training.step import init_state, jit_train_step, make_train_step
+    from percausal_jax.objectives import NextQuill, PerCE, get
+    from percausal_jax.training import setup
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    model_dir = resolve_model_arg(args.model)
+    model_dir = resolve_model_dir(resolve_model_arg(args.model)).local  # as setup.build resolves model.path
     info = machine_info({"torch": torch.__version__, "torch threads": threads})
-    objectives = args.objectives.split(",")
+    mc = read_config(model_dir)
+    references = (PerCE.name, NextQuill.name)  # the objectives make_torch_steps has a reference step for
+    objectives = [get(n.strip()).name for n in args.objectives.split(",")] if args.objectives else list(references)
+    missing = [o for o in objectives if o not in references]
+    if missing:
+        raise SystemExit(f"--objectives: no PyTorch reference for {', '.join(missing)} "
+                         f"(have {', '.join(references)})")
 
-    # ours
-    jmodel = pj.load_pretrained(model_dir, dtype="float32", scan_layers=not args.no_scan)
-    mc = jmodel.config
-    graphdef, params, frozen = nnx.split(jmodel, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(args.lr, weight_decay=0.01))
-    obj_cfg = default_config()
+    # ours: the run every command builds, one objective at a time
+    overrides = [f"model.path={model_dir}", "model.dtype=float32", "model.compute_dtype=float32",
+                 f"model.scan_layers={not args.no_scan}", "model.remat_policy=none", "model.attention_impl=xla",
+                 f"objective.vocab_chunk_size={args.chunk_size}", "optimizer.name=adamw", f"optimizer.lr={args.lr}",
+                 "optimizer.schedule=constant", "optimizer.warmup_steps=0", "optimizer.warmup_ratio=0.0",
+                 "optimizer.weight_decay=0.01", "optimizer.grad_clip_norm=1.0", f"train.global_batch_size={args.batch}"]
     examples = make_examples(args.batch, args.personal_prompt, args.cf_prompt, args.response, args.jitter,
                              mc.vocab_size)
-    from percausal_jax.data.pairing import collate
-
-    Lp = round_up(max(e.personal_len for e in examples))
-    Lc = round_up(max(e.counterfactual_len for e in examples))
-    R = round_up(max(len(e.response_ids) for e in examples))
-    batch = jax.tree.map(jnp.asarray, collate([[e] for e in examples], Lp, Lc, R).as_dict())
+    host_batch = collate_examples(examples)
+    Lp, Lc, R = shape_of(host_batch)
     resp_tokens = sum(len(e.response_ids) for e in examples)
     real_tokens = {o: sum(e.personal_len + e.counterfactual_len for e in examples) for o in objectives}
 
-    ours, states = {}, {}
+    ours, states, runs, refs, batches = {}, {}, {}, {}, {}
 
     def setup_ours(o):  # one objective's state at a time: two live JAX states + torch OOM'd a 24 GiB machine
-        step = make_train_step(graphdef, tx, optax.constant_schedule(args.lr), o, obj_cfg,
-                               chunk_size=args.chunk_size)
-        states[o] = init_state(jax.tree.map(jnp.copy, params), tx)
-        ours[o] = jit_train_step(step, states[o])
-
-    del jmodel
+        run = setup.build(run_config(*overrides, f"objective.name={o}"))
+        runs[o], states[o], ours[o], refs[o] = run, run.init_state(), run.train_step(), run.reference_params()
+        batches[o] = to_global(host_batch, run.mesh)
 
     # theirs
     tsteps = {}
@@ -249,16 +261,21 @@ def main() -> None:
         tsteps.clear()
         tmodel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tmodel.train()
-        topt = torch.optim.AdamW(tmodel.parameters(), lr=args.lr, weight_decay=0.01)
+        params = [p for p in tmodel.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},  # as HF Trainer and ours:
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on norms/biases
+        topt = torch.optim.AdamW(groups, lr=args.lr)
         tsteps.update(make_torch_steps(tmodel, topt, 1.0))
     pad_id = mc.pad_token_id if mc.pad_token_id is not None else 0
     t_perce, t_nq = torch_batches(examples, pad_id)
-    tbatch = {"perce": t_perce, "nextquill": t_nq}
+    tbatch = {PerCE.name: t_perce, NextQuill.name: t_nq}
     shapes_t = {o: (tuple(tbatch[o]["p"][0].shape), tuple(tbatch[o]["c"][0].shape)) for o in objectives}
 
     def run_ours(o):
         t0 = time.perf_counter()
-        states[o], m = ours[o](states[o], frozen, None, batch)
+        run = runs[o]
+        with jax.set_mesh(run.mesh):
+            states[o], m = ours[o](states[o], run.frozen, refs[o], batches[o])
         jax.block_until_ready((states[o], m))
         return time.perf_counter() - t0, float(m["loss"])
 
@@ -287,7 +304,7 @@ def main() -> None:
             losses[(o, "ours")].append(lo)
             losses[(o, "theirs")].append(lt)
             print(f"round {r} [{o}] ours {to:.2f} s (loss {lo:.4f}), theirs {tt:.2f} s (loss {lt:.4f})", flush=True)
-        del states[o], ours[o]
+        del states[o], ours[o], runs[o], refs[o], batches[o]
         gc.collect()
 
     rows = []
@@ -304,7 +321,7 @@ def main() -> None:
                "total tok/s", "ours / theirs (tok/s)"]
     table = md_table(headers, rows)
     print(table)
-    analysis = analysis_text(mc, objectives, args.batch, (Lp, Lc, R), shapes_t,
+    analysis = analysis_text(mc, {o: get(o)() for o in objectives}, args.batch, (Lp, Lc, R), shapes_t,
                              {o: statistics.median(times[(o, "theirs")]) / statistics.median(times[(o, "ours")])
                               for o in objectives})
     print(analysis)

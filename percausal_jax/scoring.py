@@ -1,8 +1,10 @@
-"""Per-token causal scores of gold responses: the two passes, PIR, PerCE weights, DCE, NextQuill weights, and each
-example's CE / PerCE / NextQuill loss on its own.
+"""Per-token causal scores of gold responses: both passes' log-probs, every scorable objective's per-token
+diagnostics (PerCE's PIR and weight, NextQuill's DCE and weight, EntCE's entropy and weight), and each example's
+loss under each objective on its own.
 
-Used by ``percausal score`` and by the demo's report. Everything is computed in one jitted function per batch shape;
-full logits are formed only at response positions (NextQuill's alignment term needs the whole vocabulary there).
+Used by ``percausal score`` and by the demo's report. The objectives scored are the registry's (those that need no
+frozen reference model), each with its own ``diagnostics``: nothing here re-derives a weight formula. Everything is
+computed in one jitted function per batch shape, per example (a row's diagnostics never depend on the other rows).
 """
 
 from __future__ import annotations
@@ -10,61 +12,63 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from percausal_jax.data.pairing import PairedExample, collate
-from percausal_jax.objectives import losses
-from percausal_jax.objectives.logprobs import PassOutputs
-from percausal_jax.objectives.registry import Requirements, compute_passes
+from percausal_jax.objectives import OBJECTIVES, Objective, Passes, Requirements, Targets, compute_passes, total_loss
 
-SCORE_OBJECTIVES = ("ce", "perce", "nextquill")
 _ROUND = 16  # pad batch lengths up to a multiple of this: few distinct compiled shapes
 
 
-def _round_up(n: int) -> int:
-    return -(-n // _ROUND) * _ROUND
+def scorable(objectives: Iterable[Objective] | None = None) -> tuple[Objective, ...]:
+    """The objectives to score: those given, or every registered one at its defaults, minus any that needs a frozen
+    reference model (there is none when scoring a model)."""
+    objectives = [cls() for cls in OBJECTIVES.values()] if objectives is None else list(objectives)
+    return tuple(o for o in objectives if not o.requirements.reference)
 
 
-def make_score_fn(objective_cfg):
-    """A jitted ``(model, batch) -> dict of per-token [B, R] and per-example [B] arrays`` for these settings."""
-    cfgs = {name: objective_cfg[name] for name in SCORE_OBJECTIVES}
-    pc, nq = cfgs["perce"], cfgs["nextquill"]
-    req = Requirements(counterfactual=True, full_logits=True)
+def output_keys(objectives: Sequence[Objective]) -> tuple[str, ...]:
+    """Per-token keys (both passes, then each objective's diagnostics in its own order), then per-example losses."""
+    from percausal_jax.objectives.logprobs import PassOutputs
 
-    def per_example(p_logp, c_logp, p_logits, c_logits, ids, weight, seq_weight):
-        passes = losses.Passes(PassOutputs(p_logp[None], None, p_logits[None]),
-                               PassOutputs(c_logp[None], None, c_logits[None]))
-        t = losses.Targets(ids[None], weight[None], seq_weight[None])
-        return {f"{name}_loss": losses.total_loss(getattr(losses, name)(passes, t, cfgs[name]))
-                for name in SCORE_OBJECTIVES}
+    one = np.zeros((1, 1), np.float32)
+    x = Passes(*[PassOutputs(one, one, np.zeros((1, 1, 2), np.float32))] * 2)
+    t = Targets(np.zeros((1, 1), np.int32), one + 1, one + 1)
+    keys = ["logp_personal", "logp_counterfactual"]
+    for o in objectives:
+        keys += [k for k in o.diagnostics(x, t) if k not in keys]
+    return tuple(keys + [f"{o.name}_loss" for o in objectives])
+
+
+def make_score_fn(objectives: Sequence[Objective]):
+    """A jitted ``(model, batch) -> dict of per-token [B, R] and per-example [B] arrays``."""
+    req = Requirements(counterfactual=True)
+    for o in objectives:
+        req = req.union(o.requirements)
+
+    def per_example(x: Passes, t: Targets) -> dict:
+        x, t = jax.tree.map(lambda a: a[None], (x, t))  # one example as a batch of one
+        out = {}
+        for o in objectives:
+            out.update({k: v[0] for k, v in o.diagnostics(x, t).items()})
+        out.update({f"{o.name}_loss": total_loss(o(x, t)) for o in objectives})
+        return out
 
     @nnx.jit
     def score(model, batch):
         x = compute_passes(model, batch, req)
-        r = batch["response"]
-        pir = x.p.logp - x.c.logp
-        dce = jnp.exp(x.p.logp) - jnp.exp(x.c.logp)
-        out = {
-            "logp_personal": x.p.logp,
-            "logp_counterfactual": x.c.logp,
-            "pir": pir,
-            "perce_weight": jnp.clip(pir, pc.clip_min, pc.clip_max),
-            "dce": dce,
-            "nextquill_weight": jnp.where(dce > nq.delta, nq.high, nq.low),
-        }
-        out.update(jax.vmap(per_example)(x.p.logp, x.c.logp, x.p.logits, x.c.logits, r["ids"], r["weight"],
-                                         r["seq_weight"]))
+        out = {"logp_personal": x.p.logp, "logp_counterfactual": x.c.logp}
+        out.update(jax.vmap(per_example)(x, Targets.of(batch)))
         return out
 
     return score
 
 
-def score_examples(model, examples: Sequence[PairedExample], objective_cfg, batch_size: int = 4,
+def score_examples(model, examples: Sequence[PairedExample], objectives: Sequence[Objective], batch_size: int = 4,
                    progress: Iterable | None = None) -> Iterator[dict]:
     """Yields one dict per example (same order) with per-token lists and per-example losses."""
-    score = make_score_fn(objective_cfg)
+    score = make_score_fn(objectives)
     starts = range(0, len(examples), batch_size)
     for start in (progress(starts) if progress else starts):
         chunk = list(examples[start:start + batch_size])
@@ -72,9 +76,13 @@ def score_examples(model, examples: Sequence[PairedExample], objective_cfg, batc
         batch = collate(rows, _round_up(max(e.personal_len for e in chunk)),
                         _round_up(max(e.counterfactual_len for e in chunk)),
                         _round_up(max(len(e.response_ids) for e in chunk)))
-        out = jax.device_get(score(model, batch.as_dict()))
+        out = jax.device_get(score(model, batch))
         for i, ex in enumerate(chunk):
             n = len(ex.response_ids)
             rec = {k: np.asarray(v[i][:n], np.float64).tolist() for k, v in out.items() if np.ndim(v) == 2}
             rec.update({k: float(v[i]) for k, v in out.items() if np.ndim(v) == 1})
             yield rec
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ROUND) * _ROUND

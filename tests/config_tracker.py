@@ -1,12 +1,18 @@
-"""Which config keys does a run actually read? ``with track(cfg) as reads:`` records every leaf key read through
-``ConfigDict.__getitem__`` (which attribute access and ``get`` go through) on ``cfg`` and its sub-dicts, as dotted
-paths. Whole-config dumps (``to_json_best_effort``, ``to_dict``: the checkpoint metadata) are not reads."""
+"""Which config keys does a run actually use? ``with track() as reads:`` records every read of a field of the typed
+config (:class:`~percausal_jax.config.RunConfig`, its sections, the objective dataclasses) as the dotted key of
+``configs/base.py`` it came from (``data.k``, ``objective.perce.clip_min``). Reads made while the config is being
+read or copied (``RunConfig.from_config`` / ``validate``, ``dataclasses.replace``, ``repr``) do not count: a key is
+used when code below the spine reads its field."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import ml_collections
+
+from percausal_jax import config
+from percausal_jax.objectives import OBJECTIVES
 
 
 def leaf_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
@@ -19,42 +25,60 @@ def leaf_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
     return out
 
 
-def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[int, str]:
-    out = {id(cfg): prefix}
-    for k, v in cfg.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            out.update(_paths(v, f"{prefix}{k}."))
+def _keys() -> dict[type, dict[str, str]]:
+    """class → {field: dotted config key}."""
+    out = {spec: {f.name: f"{section}.{f.name}" for f in dataclasses.fields(spec)}
+           for section, spec in config.SECTIONS.items()}
+    out.update({cls: {f.name: f"objective.{name}.{f.name}" for f in dataclasses.fields(cls)}
+                for name, cls in OBJECTIVES.items()})
+    out[config.RunConfig] = {"seed": "seed", "vocab_chunk_size": "objective.vocab_chunk_size",
+                             "objective": "objective.name"}
     return out
 
 
 @contextlib.contextmanager
-def track(cfg: ml_collections.ConfigDict):
-    cls = ml_collections.ConfigDict
-    paths = _paths(cfg)
+def track():
+    keys = _keys()
     reads: set[str] = set()
     suspended = [0]
-    original = {name: getattr(cls, name) for name in ("__getitem__", "to_json_best_effort", "to_dict")}
+    patched = []
 
-    def getitem(self, key):
-        value = original["__getitem__"](self, key)
-        if not suspended[0] and id(self) in paths and not isinstance(value, cls):
-            reads.add(paths[id(self)] + str(key))
-        return value
+    def reader(cls):
+        fields = keys[cls]
+        original = cls.__getattribute__
 
-    def dump(name):
-        def wrapper(self, *args, **kwargs):
+        def getattribute(self, name):
+            if not suspended[0] and name in fields and type(self) is cls:
+                reads.add(fields[name])
+            return original(self, name)
+
+        return original, getattribute
+
+    def quiet(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
             suspended[0] += 1
             try:
-                return original[name](self, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 suspended[0] -= 1
-        return wrapper
 
-    cls.__getitem__ = getitem
-    cls.to_json_best_effort = dump("to_json_best_effort")
-    cls.to_dict = dump("to_dict")
+        return original, wrapper
+
+    for cls in keys:
+        original, fn = reader(cls)
+        patched.append((cls, "__getattribute__", original))
+        cls.__getattribute__ = fn
+    for owner, name in ((dataclasses, "replace"), (config.RunConfig, "validate")):
+        original, fn = quiet(owner, name)
+        patched.append((owner, name, original))
+        setattr(owner, name, fn)
     try:
         yield reads
     finally:
-        for name, fn in original.items():
-            setattr(cls, name, fn)
+        for owner, name, original in reversed(patched):
+            if name == "__getattribute__" and original is object.__getattribute__:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)

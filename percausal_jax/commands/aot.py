@@ -14,25 +14,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from percausal_jax import storage
-    from percausal_jax.config import load_config
-    from percausal_jax.errors import UserError
-    from percausal_jax.hf.checkpoint import read_config
-    from percausal_jax.models.config import ModelConfig
-    from percausal_jax.models.presets import PRESETS
+    from percausal_jax.config import RunConfig, load_config
     from percausal_jax.training.aot import plan
+    from percausal_jax.training.setup import model_config_of
 
-    cfg = load_config(args.config, args.overrides)
-    path = cfg.model.path
-    try:  # a local / gs:// directory or a hub id: only its config.json is needed
-        resolved = storage.resolve_hf_dir(path, what="model directory", allow_patterns=["config.json"])
-        model_config = read_config(resolved.local)
-    except UserError as e:
-        if path not in PRESETS:
-            raise UserError(f"model.path {path!r}: {e}; and not a bundled preset ({', '.join(PRESETS)})") from None
-        model_config = ModelConfig.from_hf(PRESETS[path], where=f"preset {path}")
-    result = plan(cfg, model_config, args.topology, mfu=args.mfu, counterfactual_len=args.counterfactual_len)
+    rc = RunConfig.from_config(load_config(args.config, args.overrides), where=args.config)
+    model_config = model_config_of(rc.model.path)
+    result = plan(rc, model_config, args.topology, mfu=args.mfu, counterfactual_len=args.counterfactual_len)
     print(f"{args.config}: {model_config.model_type}, {model_config.num_params() / 1e9:.2f}B parameters, "
-          f"objective {cfg.objective.name}")
+          f"objective {rc.objective.name}")
     print(result.report())
     return 0 if result.fits else 1

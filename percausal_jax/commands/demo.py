@@ -108,9 +108,9 @@ def _mesh_overrides(config: Path) -> list[str]:
 
     import jax
 
-    from percausal_jax.config import load_config
+    from percausal_jax.config import RunConfig, load_config
 
-    n, batch = jax.device_count(), load_config(str(config)).train.global_batch_size
+    n, batch = jax.device_count(), RunConfig.from_config(load_config(str(config))).train.global_batch_size
     fsdp = math.gcd(batch, n)
     return ["--config.mesh.data=1", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={n // fsdp}"]
 

@@ -31,9 +31,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
+
     from percausal_jax import storage
     from percausal_jax.atomic import write_text
-    from percausal_jax.commands.score import _tokenizer
     from percausal_jax.data.featurize import FeaturizeConfig
     from percausal_jax.evaluation.evaluate import DecodeConfig, generate_for_records, read_eval_records, score
 
@@ -47,19 +48,16 @@ def run(args) -> int:
         records = records[:args.limit]
     if args.workdir:
         from percausal_jax.training.export import restore_model
-        from percausal_jax.training.loop import featurize_config
 
-        model, run_, cfg, _ = restore_model(args.workdir, args.step, getattr(args, "overrides", ()))
-        tokenizer, fcfg = run_.tokenizer, featurize_config(cfg)
+        model, run_, _, _ = restore_model(args.workdir, args.step, getattr(args, "overrides", ()))
+        tokenizer, fcfg = run_.tokenizer, run_.featurize_config
         if args.template:
-            fcfg = FeaturizeConfig(**{**fcfg.__dict__, "template": args.template})
+            fcfg = dataclasses.replace(fcfg, template=args.template)
     else:
-        from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
-        from percausal_jax.hf.gguf import resolve_model_arg
+        from percausal_jax.training.setup import pretrained
 
-        model_dir = resolve_model_dir(resolve_model_arg(args.model)).local
-        tokenizer = _tokenizer(model_dir)
-        model = load_pretrained(model_dir)
+        loaded = pretrained(args.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
         fcfg = FeaturizeConfig(template=args.template or "chat")
     dcfg = DecodeConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                         args.seed, args.batch_size)

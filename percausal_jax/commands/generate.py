@@ -16,25 +16,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
     from percausal_jax.evaluation.generate import generate
-    from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
-    from percausal_jax.hf.gguf import resolve_model_arg
+    from percausal_jax.training.setup import pretrained
 
-    model_dir = resolve_model_dir(resolve_model_arg(args.model)).local
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{model_dir}: no usable tokenizer files ({e})") from None
+    loaded = pretrained(args.model, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if args.template == "chat":
         if not tokenizer.chat_template:
-            raise UserError(f"{model_dir}: the tokenizer has no chat template; use --template none")
+            raise UserError(f"{args.model}: the tokenizer has no chat template; use --template none")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                             tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tokenizer(args.prompt)["input_ids"]
-    model = load_pretrained(model_dir, dtype=args.dtype)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     (completion,) = generate(model, [list(ids)], args.max_new_tokens, eos_ids=tuple(eos),
                              pad_id=tokenizer.pad_token_id or 0)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from percausal_jax.errors import UserError
 
-OUTPUT_KEYS = ("id", "prompt_ids", "prompt_no_profile_ids", "completion_ids", "tokens", "logp_personal",
-               "logp_counterfactual", "pir", "perce_weight", "dce", "nextquill_weight", "ce_loss", "perce_loss",
-               "nextquill_loss")
+ID_KEYS = ("id", "prompt_ids", "prompt_no_profile_ids", "completion_ids", "tokens")
 
 
 def register(subparsers) -> None:
@@ -22,7 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--html", default=None, help="also write a self-contained HTML token heatmap")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--template", choices=("none", "chat"), default="none",
-                   help="none: prompt text as is (tokenizer's BOS if it adds one); chat: wrap in the chat template")
+                   help="for records without a 'template' field (as in training): none = prompt text as is "
+                        "(tokenizer's BOS if it adds one); chat = wrap in the chat template")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--clip-min", type=float, default=0.8)
     p.add_argument("--clip-max", type=float, default=5.0)
@@ -35,13 +33,11 @@ def run(args) -> int:
 
     from percausal_jax import storage
     from percausal_jax.atomic import write_text
-    from percausal_jax.data import chat, records
-    from percausal_jax.data.pairing import pair_example
-    from percausal_jax.data.prompts import Prompt
-    from percausal_jax.hf.checkpoint import load_pretrained, resolve_model_dir
-    from percausal_jax.hf.gguf import resolve_model_arg
-    from percausal_jax.objectives import default_config
-    from percausal_jax.scoring import score_examples
+    from percausal_jax.data import records
+    from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
+    from percausal_jax.objectives import OBJECTIVES
+    from percausal_jax.scoring import output_keys, scorable, score_examples
+    from percausal_jax.training.setup import pretrained
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
@@ -50,25 +46,22 @@ def run(args) -> int:
         if records.detect_kind(row, args.data, i) != "prompt":
             raise UserError(f"{args.data}:{i}: expected prompt records with fields "
                             "'id', 'prompt', 'prompt_no_profile', 'completion'")
-    model_dir = resolve_model_dir(resolve_model_arg(args.model)).local
-    tokenizer = _tokenizer(model_dir)
-    examples = []
-    for row in rows:
-        texts = [row["prompt"], row["prompt_no_profile"]]
-        if args.template == "chat":
-            texts = [chat.render(tokenizer, Prompt(None, t), "chat") for t in texts]
-        examples.append(pair_example(tokenizer, *texts, row["completion"],
-                                     add_special_tokens=args.template == "none"))
-    model = load_pretrained(model_dir, dtype=args.dtype)
-    cfg = default_config()
-    cfg.perce.clip_min, cfg.perce.clip_max, cfg.nextquill.delta = args.clip_min, args.clip_max, args.delta
+    knobs = {"perce": {"clip_min": args.clip_min, "clip_max": args.clip_max}, "nextquill": {"delta": args.delta}}
+    objectives = scorable(cls(**knobs.get(name, {})) for name, cls in OBJECTIVES.items())
+    loaded = pretrained(args.model, dtype=args.dtype)
+    tokenizer = loaded.tokenizer
+    # the featurizer training uses: a record's own `template` wins; records without one get --template
+    featurizer = Featurizer(tokenizer, FeaturizeConfig(template=args.template))
+    examples = [featurizer(row).example for row in rows]
     progress = lambda it: tqdm(it, desc="scoring", unit="batch", file=sys.stderr)  # noqa: E731
+    keys = ID_KEYS + output_keys(objectives)
     scored = []
-    for row, ex, s in zip(rows, examples, score_examples(model, examples, cfg, args.batch_size, progress)):
-        rec = {"id": row["id"], "prompt_ids": list(ex.prompt_ids), "prompt_no_profile_ids": list(ex.prompt_no_profile_ids),
-               "completion_ids": list(ex.response_ids),
+    for row, ex, s in zip(rows, examples, score_examples(loaded.model, examples, objectives, args.batch_size,
+                                                         progress)):
+        rec = {"id": row["id"], "prompt_ids": list(ex.prompt_ids),
+               "prompt_no_profile_ids": list(ex.prompt_no_profile_ids), "completion_ids": list(ex.response_ids),
                "tokens": [tokenizer.decode([t]) for t in ex.response_ids], **s}
-        scored.append({k: rec[k] for k in OUTPUT_KEYS})
+        scored.append({k: rec[k] for k in keys})
     write_text(storage.path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
     if args.html:
         from percausal_jax.evaluation.heatmap import heatmap_page
@@ -76,12 +69,3 @@ def run(args) -> int:
         write_text(storage.path(args.html), heatmap_page(scored, args.clip_min, args.clip_max, args.delta))
     print(f"scored {len(scored)} examples -> {args.out}" + (f", {args.html}" if args.html else ""))
     return 0
-
-
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001 - any failure here means the directory lacks usable tokenizer files
-        raise UserError(f"{model_dir}: no usable tokenizer files ({type(e).__name__})") from None

@@ -7,7 +7,6 @@ import json
 import sys
 
 PAPER_GRID = (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)  # PerCE paper §4
-OBJECTIVES = ("ce", "perce", "nextquill", "lossce", "entce")
 
 
 def register(subparsers) -> None:
@@ -16,7 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="directory for the runs and sweep.md / sweep.json")
     p.add_argument("--train", required=True, help="training records")
     p.add_argument("--test", required=True, help="evaluation records")
-    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--objectives", default=None, help="comma-separated (default: every registered objective)")
     p.add_argument("--lrs", default=",".join(str(x) for x in PAPER_GRID))
     p.add_argument("--metric", default="rougeL", help="metric that picks the best LR (higher is better)")
     p.add_argument("--eval-limit", type=int, default=16)
@@ -30,7 +29,12 @@ def run(args) -> int:
     from percausal_jax.errors import UserError
     from percausal_jax.evaluation.wordnet import available
 
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    from percausal_jax.objectives import OBJECTIVES, get
+
+    objectives = list(OBJECTIVES) if args.objectives is None else [o.strip() for o in args.objectives.split(",")
+                                                                    if o.strip()]
+    for name in objectives:
+        get(name)  # an unknown name is an error before anything trains
     try:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:

@@ -19,11 +19,11 @@ def run(args) -> int:
     from percausal_jax.training.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)  # before anything touches a device
-    from percausal_jax.config import load_config
+    from percausal_jax.config import RunConfig, load_config
     from percausal_jax.training.loop import train
 
-    cfg = load_config(args.config, args.overrides)
-    last = train(cfg, args.workdir, progress=not args.no_progress)
+    rc = RunConfig.from_config(load_config(args.config, args.overrides), where=args.config)
+    last = train(rc, args.workdir, progress=not args.no_progress)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}" +
               (f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))

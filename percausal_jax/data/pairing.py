@@ -28,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import numpy as np
+from flax import struct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +68,14 @@ def pair_example(tokenizer, prompt: str, prompt_no_profile: str, response: str, 
     return PairedExample(tuple(p), tuple(c), tuple(r))
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Sequences:
     tokens: np.ndarray  # int32[B, L]
     positions: np.ndarray  # int32[B, L]
     segment_ids: np.ndarray  # int32[B, L]
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Response:
     ids: np.ndarray  # int32[B, R]
     weight: np.ndarray  # float32[B, R]
@@ -82,18 +84,32 @@ class Response:
     index_counterfactual: np.ndarray  # int32[B, R]
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class PairedBatch:
+    """A registered pytree: numpy leaves on the host, ``jax.Array`` leaves on devices, ``jax.ShapeDtypeStruct``
+    leaves for AOT planning (:meth:`spec`); the same type all the way into the jitted step."""
+
     personal: Sequences
     counterfactual: Sequences
     response: Response
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @property
     def num_tokens(self) -> int:
         return int(self.response.weight.sum())
+
+    @classmethod
+    def spec(cls, batch: int, personal_len: int, counterfactual_len: int, response_len: int,
+             sharding=None) -> PairedBatch:
+        """The abstract batch of these shapes (``jax.ShapeDtypeStruct`` leaves, optionally with ``sharding``):
+        the one batch schema for AOT compilation and benchmarks."""
+        def leaf(length: int, dtype) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct((batch, length), dtype, sharding=sharding)
+
+        seq = lambda L: Sequences(*(leaf(L, np.int32) for _ in range(3)))  # noqa: E731
+        R = response_len
+        return cls(seq(personal_len), seq(counterfactual_len),
+                   Response(leaf(R, np.int32), leaf(R, np.float32), leaf(R, np.float32), leaf(R, np.int32),
+                            leaf(R, np.int32)))
 
 
 def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterfactual_len: int,
@@ -151,11 +167,9 @@ def pad_batch(batch: PairedBatch, personal_len: int, counterfactual_len: int, re
         w = ((0, 0), (0, L - s.tokens.shape[1]))
         return Sequences(np.pad(s.tokens, w), np.pad(s.positions, w), np.pad(s.segment_ids, w))
 
-    r = batch.response
-    w = ((0, 0), (0, response_len - r.ids.shape[1]))
+    w = ((0, 0), (0, response_len - batch.response.ids.shape[1]))
     return PairedBatch(seq(batch.personal, personal_len), seq(batch.counterfactual, counterfactual_len),
-                       Response(*(np.pad(x, w) for x in (r.ids, r.weight, r.seq_weight, r.index_personal,
-                                                          r.index_counterfactual))))
+                       jax.tree.map(lambda x: np.pad(x, w), batch.response))
 
 
 def empty_batch(rows: int) -> PairedBatch:

@@ -311,8 +311,8 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
 # ----------------------------------------------------------------------------------------------------- to devices
 
 
-def to_global(batch: PairedBatch, mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict:
-    """This process's rows → global ``jax.Array``s (``batch.as_dict()`` layout), leading axis sharded over
+def to_global(batch: PairedBatch, mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> PairedBatch:
+    """This process's rows → a ``PairedBatch`` of global ``jax.Array``s, leading axis sharded over
     ``batch_axes``; the global batch is ``per_process_batch_size × process_count`` rows."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -321,4 +321,4 @@ def to_global(batch: PairedBatch, mesh, batch_axes: tuple[str, ...] = ("data", "
     if missing:
         raise ValueError(f"batch axes {missing} are not mesh axes {mesh.axis_names}")
     sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch.as_dict())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -185,6 +185,15 @@ class CausalLM(nnx.Module):
     def scan_layers(self) -> bool:
         return self.model.scan_layers
 
+    # ``objectives.passes.LanguageModel``: what the objectives see of a model (with hidden_states, head_weight)
+    @property
+    def compute_dtype(self):
+        return self.model.dtype
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return self.config.final_logit_softcap
+
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None) -> jax.Array:
         """int[B, L] → hidden [B, L, D]. Defaults: positions 0..L-1, one segment (no padding)."""
@@ -212,8 +221,8 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] → float32 logits [..., V] (with Gemma2's final soft-capping)."""
-        w = self.head_weight().astype(self.model.dtype)
-        logits = jnp.einsum("...d,dv->...v", hidden.astype(self.model.dtype), w,
+        w = self.head_weight().astype(self.compute_dtype)
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(self.compute_dtype), w,
                             preferred_element_type=jnp.float32)
         return softcap(logits, self.config.final_logit_softcap)
 

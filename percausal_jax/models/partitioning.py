@@ -28,8 +28,10 @@ PARAM_LOGICAL_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gate_proj", "kernel"): ("embed", "mlp"),
     ("up_proj", "kernel"): ("embed", "mlp"),
     ("down_proj", "kernel"): ("mlp", "embed"),
-    # LoRA adapters (``lora_a`` [in, r], ``lora_b`` [r, out]) follow their base kernel's input / output axes.
 }
+# LoRA adapters (``lora_a`` [in, r], ``lora_b`` [r, out]) follow their base kernel's input / output axis
+# (:func:`logical_axes`): an adapter on ``q_proj`` is ("embed", "rank") and ("rank", "heads").
+LORA_LEAVES = {"lora_a": lambda kernel: (kernel[0], "rank"), "lora_b": lambda kernel: ("rank", kernel[1])}
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -47,7 +49,11 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 def logical_axes(path: Sequence, ndim: int, scanned: bool) -> tuple[str, ...]:
     """Logical axes of the parameter at ``path`` (a flat NNX state path) with ``ndim`` dimensions."""
     keys = [str(k) for k in path]
-    axes = PARAM_LOGICAL_AXES.get((keys[-2], keys[-1]) if len(keys) >= 2 else ("", keys[-1]))
+    module = keys[-2] if len(keys) >= 2 else ""
+    if keys[-1] in LORA_LEAVES and (module, "kernel") in PARAM_LOGICAL_AXES:
+        axes = LORA_LEAVES[keys[-1]](PARAM_LOGICAL_AXES[(module, "kernel")])
+    else:
+        axes = PARAM_LOGICAL_AXES.get((module, keys[-1]))
     if axes is None:
         axes = ("norm",) * (ndim - (1 if scanned and "layers" in keys else 0))
     if scanned and "layers" in keys:

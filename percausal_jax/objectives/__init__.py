@@ -1,7 +1,14 @@
-"""Token-level causal objectives (CE, PerCE, NextQuill, LossCE, EntCE) over the two passes."""
+"""Token-level causal objectives (CE, PerCE, NextQuill, LossCE, EntCE) over the two passes.
 
-from percausal_jax.objectives.losses import Passes, Result, Targets, default_config, total_loss
-from percausal_jax.objectives.registry import OBJECTIVES, compute_passes, evaluate, get
+One frozen dataclass per method (:mod:`.losses`), the registry and the config reader (:mod:`.registry`), and the
+two-pass forward with the model interface it needs (:mod:`.passes`).
+"""
 
-__all__ = ["OBJECTIVES", "Passes", "Result", "Targets", "compute_passes", "default_config", "evaluate", "get",
+from percausal_jax.objectives.losses import (CE, EntCE, LossCE, NextQuill, Objective, Passes, PerCE, Requirements,
+                                             Result, Targets, total_loss)
+from percausal_jax.objectives.passes import LanguageModel, compute_passes, evaluate
+from percausal_jax.objectives.registry import OBJECTIVES, default_config, from_config, get
+
+__all__ = ["CE", "EntCE", "LanguageModel", "LossCE", "NextQuill", "OBJECTIVES", "Objective", "Passes", "PerCE",
+           "Requirements", "Result", "Targets", "compute_passes", "default_config", "evaluate", "from_config", "get",
            "total_loss"]

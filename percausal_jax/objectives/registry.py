@@ -1,92 +1,86 @@
-"""Objective registry and the two-pass forward that feeds it.
+"""The registry of objectives and the one place an objective's name (and its config block) is read.
 
-Each objective declares what it needs of the passes (:class:`Requirements`); :func:`compute_passes` runs exactly
-that: the personalized pass with gradient, the counterfactual pass with or without gradient (stop_gradient cuts its
-backward entirely), gold log-probs via the vocabulary-chunked head unless full logits are needed (NextQuill), and
-passes under frozen reference parameters when the objective compares against a reference.
+``objective`` block of a training config (``configs/base.py``)::
+
+    objective.name              one of OBJECTIVES
+    objective.vocab_chunk_size  vocabulary chunk of the log-softmax head (read by the run spine)
+    objective.<name>.<field>    the hyper-parameters of each method (fields of its dataclass)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import difflib
+from typing import Mapping
 
-import jax
+from percausal_jax.errors import UserError
+from percausal_jax.objectives.losses import CE, EntCE, LossCE, NextQuill, Objective, PerCE
 
-from percausal_jax.objectives import losses
-from percausal_jax.objectives.logprobs import PassOutputs, chunked_outputs, gather_rows, outputs_from_logits
-
-
-@dataclasses.dataclass(frozen=True)
-class Requirements:
-    counterfactual: bool = False  # run the counterfactual pass
-    counterfactual_grad: bool = False  # differentiate through it
-    full_logits: bool = False  # [B, R, V] at response positions (else chunked gold log-probs)
-    entropy: bool = False
-    reference: tuple[str, ...] = ()  # passes to run under frozen reference parameters: "p", "c"
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CE, PerCE, NextQuill, LossCE, EntCE)}
+BLOCK_KEYS = ("name", "vocab_chunk_size")
 
 
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    name: str
-    fn: Callable[..., losses.Result]
-    requirements: Callable[[object], Requirements]
-
-
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o for o in [
-        Objective("ce", losses.ce, lambda cfg: Requirements()),
-        Objective("perce", losses.perce, lambda cfg: Requirements(counterfactual=True)),
-        Objective("nextquill", losses.nextquill, lambda cfg: Requirements(
-            counterfactual=True, counterfactual_grad=True, full_logits=True,
-            reference=("p", "c") if cfg.get("fixed_theta_d", False) else ())),
-        Objective("lossce", losses.lossce, lambda cfg: Requirements(reference=("p",))),
-        Objective("entce", losses.entce, lambda cfg: Requirements(entropy=True)),
-    ]
-}
-
-
-def get(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r} (choose from {', '.join(OBJECTIVES)})")
+def get(name: str, where: str = "objective") -> type[Objective]:
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        hint = _closest(name, OBJECTIVES) if isinstance(name, str) else ""
+        raise UserError(f"{where}.name={name!r}: unknown objective{hint} (choose from {', '.join(OBJECTIVES)})")
     return OBJECTIVES[name]
 
 
-def pass_outputs(model, seq, index, ids, req: Requirements, chunk_size: int) -> PassOutputs:
-    """One pass: hidden states of ``seq`` (tokens/positions/segment_ids), gathered at ``index`` [B, R]."""
-    hidden = model.hidden_states(seq["tokens"], seq["positions"], seq["segment_ids"])
-    h = gather_rows(hidden, index)
-    if req.full_logits:
-        return outputs_from_logits(model.logits(h), ids, with_entropy=req.entropy)
-    return chunked_outputs(h.astype(model.model.dtype), model.head_weight().astype(model.model.dtype), ids,
-                           softcap=model.config.final_logit_softcap, chunk_size=chunk_size, with_entropy=req.entropy)
+def fields(cls: type[Objective]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def compute_passes(model, batch: dict, req: Requirements, chunk_size: int = 8192, ref_model=None) -> losses.Passes:
-    """``batch`` is a :class:`~percausal_jax.data.pairing.PairedBatch` as a dict of arrays."""
-    r = batch["response"]
-    p = pass_outputs(model, batch["personal"], r["index_personal"], r["ids"], req, chunk_size)
-    c = None
-    if req.counterfactual:
-        c = pass_outputs(model, batch["counterfactual"], r["index_counterfactual"], r["ids"], req, chunk_size)
-        if not req.counterfactual_grad:
-            c = jax.lax.stop_gradient(c)
-    ref_p = ref_c = None
-    if req.reference:
-        if ref_model is None:
-            raise ValueError("this objective needs a frozen reference model")
-        if "p" in req.reference:
-            ref_p = jax.lax.stop_gradient(
-                pass_outputs(ref_model, batch["personal"], r["index_personal"], r["ids"], req, chunk_size))
-        if "c" in req.reference:
-            ref_c = jax.lax.stop_gradient(pass_outputs(
-                ref_model, batch["counterfactual"], r["index_counterfactual"], r["ids"], req, chunk_size))
-    return losses.Passes(p, c, ref_p, ref_c)
+def build(name: str, params: Mapping, where: str = "objective") -> Objective:
+    """``OBJECTIVES[name](**params)`` with every key checked (unknown keys and wrong types name the key)."""
+    cls = get(name, where)
+    if not hasattr(params, "items"):  # a dict or a ConfigDict
+        raise UserError(f"{where}.{name}: expected a block of {name}'s hyper-parameters, got {params!r}")
+    known = fields(cls)
+    kwargs = {}
+    for key, value in params.items():
+        if key not in known:
+            raise UserError(f"{where}.{name}.{key}: unknown hyper-parameter of {name}{_closest(key, known)} "
+                            f"(has {', '.join(known)})")
+        default = known[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise UserError(f"{where}.{name}.{key}={value!r}: expected a {type(default).__name__}")
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
-def evaluate(name: str, model, batch: dict, cfg, ref_model=None, chunk_size: int = 8192) -> losses.Result:
-    """Runs the passes ``name`` needs and returns its ``Result`` (loss_sum, normalizer, metrics)."""
-    obj = get(name)
-    passes = compute_passes(model, batch, obj.requirements(cfg), chunk_size, ref_model)
-    r = batch["response"]
-    return obj.fn(passes, losses.Targets(r["ids"], r["weight"], r["seq_weight"]), cfg)
+def from_config(block: Mapping, where: str = "objective") -> Objective:
+    """The objective named by ``block["name"]`` with its hyper-parameters from ``block[name]``; every method's
+    block is checked, so a typo in any of them is an error, not a silently ignored key."""
+    for key in block:
+        if key not in BLOCK_KEYS and key not in OBJECTIVES:
+            raise UserError(f"{where}.{key}: unknown key{_closest(key, [*BLOCK_KEYS, *OBJECTIVES])} "
+                            f"(an objective block has {', '.join(BLOCK_KEYS)} and one block per method: "
+                            f"{', '.join(OBJECTIVES)})")
+    if "name" not in block:
+        raise UserError(f"{where}.name: missing (one of {', '.join(OBJECTIVES)})")
+    built = {name: build(name, block[name], where) for name in OBJECTIVES if name in block}
+    name = block["name"]
+    return built.get(name) or build(name, {}, where)
+
+
+def default_config():
+    """The ``objective`` block of ``configs/base.py``: every method's dataclass defaults (an ml_collections
+    ConfigDict, imported lazily so the objectives do not need ml_collections)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict({
+        "name": "perce", "vocab_chunk_size": 8192,
+        **{name: {f.name: f.default for f in dataclasses.fields(cls)} for name, cls in OBJECTIVES.items()}})
+
+
+def _closest(key: str, candidates) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -17,10 +17,8 @@ from percausal_jax.errors import UserError
 from percausal_jax.hf.checkpoint import resolve_model_dir, save_pretrained
 from percausal_jax.hf.gguf import resolve_model_arg
 from percausal_jax.models.lora import merge_lora
-from percausal_jax.training import checkpoints
-from percausal_jax.training.loop import build, layout
-from percausal_jax.training.optim import make_optimizer
-from percausal_jax.training.step import init_state
+from percausal_jax.config import RunConfig
+from percausal_jax.training import checkpoints, setup
 
 FORMS = ("full", "merged", "peft")
 
@@ -59,7 +57,7 @@ def base_model(meta: dict, model_path: str | None = None, workdir: storage.PathL
 
 
 def restore_model(workdir: storage.PathLike, step: int | None = None, overrides: Sequence[str] = ()):
-    """Returns ``(model, run, cfg, step)`` with the trained parameters of ``step`` (default: latest).
+    """Returns ``(model, run, run_config, step)`` with the trained parameters of ``step`` (default: latest).
 
     ``overrides``: ``--config.a.b=v`` items applied to the run's saved config (e.g. ``model.path`` when the base
     model moved). The model is built on every local device (fsdp axis), whatever mesh the run trained on.
@@ -71,16 +69,15 @@ def restore_model(workdir: storage.PathLike, step: int | None = None, overrides:
     for item in overrides:
         if apply_override(cfg, item, source=f"the config of {workdir}") == "model.path":
             path_override = str(cfg.model.path)
+    rc = RunConfig.from_config(cfg, where=f"the config of {workdir}")
     source = base_model(meta, path_override, workdir)
-    cfg.model.path = str(source.local)
-    run = build(cfg, for_export=True)
+    run = setup.build(rc.with_model_path(source.local), for_export=True)
     run.model_source = source
-    cfg.model.path = source.name  # the config handed back names the model as the user did
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.model.scan_layers)
-    target = init_state(run.params, tx, run.mesh)  # shapes and shardings (this machine's mesh) to restore into
+    run.config = rc = rc.with_model_path(source.name)  # the config handed back names the model as the user did
+    target = run.abstract_state()  # shapes and shardings (this machine's mesh) to restore into
     state, step = checkpoints.restore(checkpoints.manager(workdir, async_save=False), target, None,
-                                      {**meta, "layout": layout(cfg, run)}, step)
-    return nnx.merge(run.graphdef, state.params, run.frozen), run, cfg, step
+                                      {**meta, "layout": run.layout()}, step)
+    return nnx.merge(run.graphdef, state.params, run.frozen), run, rc, step
 
 
 def export_checkpoint(workdir: storage.PathLike, out: storage.PathLike, step: int | None = None, dtype=None,
@@ -93,16 +90,16 @@ def export_checkpoint(workdir: storage.PathLike, out: storage.PathLike, step: in
 
     if form not in FORMS:
         raise UserError(f"export form '{form}' is not one of {', '.join(FORMS)}")
-    model, run, cfg, _ = restore_model(workdir, step, overrides)
-    lora = cfg.lora.rank > 0
+    model, run, rc, _ = restore_model(workdir, step, overrides)
+    lora = rc.lora.rank > 0
     if form in ("merged", "peft") and not lora:
         raise UserError(f"{workdir}: --{'merge-lora' if form == 'merged' else 'peft'} needs a LoRA run "
                         "(this run fine-tuned all parameters); export without it")
     if form == "peft":
         if dtype is not None:
             raise UserError("--dtype applies to full exports; a PEFT adapter is written in float32")
-        return save_peft_adapter(model, out, base_model=_adapter_base_name(run.model_source), rank=cfg.lora.rank,
-                                 alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets), tokenizer_dir=run.model_dir,
+        return save_peft_adapter(model, out, base_model=_adapter_base_name(run.model_source), rank=rc.lora.rank,
+                                 alpha=rc.lora.alpha, targets=rc.lora.targets, tokenizer_dir=run.model_dir,
                                  revision=run.model_source.revision)
     if lora:
         merge_lora(model)

@@ -48,9 +48,13 @@ def _torch_reference(model, prompt_ids, cf_ids, comp_ids, clip=(0.8, 5.0), delta
     omega = torch.where(dce > delta, 0.9, 0.1)
     nll = -lp
     lp_term = torch.nn.functional.cross_entropy(zp - zc, torch.tensor(comp_ids))
+    logq = torch.log_softmax(zp, -1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    w_ent = (entropy / entropy.mean()).clamp(max=5.0)  # EntCE: H / mean H over the example, capped at 5
     return {"logp_personal": lp, "logp_counterfactual": lc, "pir": pir, "perce_weight": w, "dce": dce,
-            "nextquill_weight": omega, "ce_loss": nll.mean(), "perce_loss": (w * nll).mean(),
-            "nextquill_loss": (omega * nll).sum() / omega.sum() + alpha * lp_term}
+            "nextquill_weight": omega, "entropy": entropy, "entce_weight": w_ent, "ce_loss": nll.mean(),
+            "perce_loss": (w * nll).mean(), "nextquill_loss": (omega * nll).sum() / omega.sum() + alpha * lp_term,
+            "entce_loss": (w_ent * nll).mean()}
 
 
 def test_fields_match_pytorch(tiny_model_dir, tmp_path):
@@ -64,7 +68,8 @@ def test_fields_match_pytorch(tiny_model_dir, tmp_path):
     for rec, row in zip(RECORDS, rows):
         assert list(row) == ["id", "prompt_ids", "prompt_no_profile_ids", "completion_ids", "tokens",
                              "logp_personal", "logp_counterfactual", "pir", "perce_weight", "dce",
-                             "nextquill_weight", "ce_loss", "perce_loss", "nextquill_loss"]
+                             "nextquill_weight", "entropy", "entce_weight", "ce_loss", "perce_loss",
+                             "nextquill_loss", "entce_loss"]
         assert row["prompt_ids"] == tok(rec["prompt"])["input_ids"]  # BOS added by this tokenizer
         assert row["completion_ids"] == tok(rec["completion"], add_special_tokens=False)["input_ids"] + [2]
         assert "".join(row["tokens"]) == rec["completion"] + "</s>"

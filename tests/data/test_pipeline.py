@@ -80,16 +80,15 @@ def take(it, n):
 def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for path, left in _leaves(x.as_dict()):
-            assert np.array_equal(left, dict(_leaves(y.as_dict()))[path]), path
+        for path, left in _leaves(x):
+            assert np.array_equal(left, dict(_leaves(y))[path]), path
 
 
-def _leaves(tree, prefix=""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key, value
+def _leaves(batch):
+    import jax
+
+    for path, value in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        yield jax.tree_util.keystr(path), value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,11 +239,11 @@ def test_to_global_shards_rows_over_data_and_fsdp():
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     batch = next(iterator())
     arrays = to_global(batch, mesh)
-    tokens = arrays["personal"]["tokens"]
+    tokens = arrays.personal.tokens
     assert tokens.shape == batch.personal.tokens.shape
     assert tokens.sharding.spec == PartitionSpec(("data", "fsdp"))
     assert sorted({s.index[0].start for s in tokens.addressable_shards}) == [0, 1, 2, 3]  # replicated on "tensor"
-    assert np.array_equal(np.asarray(arrays["response"]["weight"]), batch.response.weight)
+    assert np.array_equal(np.asarray(arrays.response.weight), batch.response.weight)
     with pytest.raises(ValueError, match=r"batch axes \['model'\] are not mesh axes"):
         to_global(batch, mesh, ("model",))
 

@@ -3,8 +3,6 @@
 Shapes: B=2 sequences, R=3 response slots, V=4; slot (1, 2) is padding (weight 0).
 """
 
-
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,6 +94,25 @@ def targets(ids=IDS, weight=WEIGHT, seq_weight=SEQ_WEIGHT):
 
 def po(z, ids=IDS, with_entropy=False):
     return outputs_from_logits(jnp.asarray(z, jnp.float32), jnp.asarray(ids), with_entropy=with_entropy)
+
+
+def all_passes():
+    """Every pass the objectives can ask for, each with entropy and full logits (ZP_L / ZC / ZR / ZC as the
+    personalized / counterfactual / reference passes); :func:`restrict` keeps what a ``Requirements`` asks."""
+    return losses.Passes(po(ZP_L, with_entropy=True), po(ZC, with_entropy=True), ref_p=po(ZR, with_entropy=True),
+                         ref_c=po(ZC_NQ, with_entropy=True))
+
+
+def restrict(x, req):
+    """The passes ``compute_passes`` would produce under ``req``: absent passes are None, and each present pass has
+    logits only with ``full_logits`` and entropy only with ``entropy``."""
+    def keep(out):
+        return out._replace(logits=out.logits if req.full_logits else None,
+                            entropy=out.entropy if req.entropy else None)
+
+    return losses.Passes(keep(x.p), keep(x.c) if req.counterfactual else None,
+                         keep(x.ref_p) if "p" in req.reference else None,
+                         keep(x.ref_c) if "c" in req.reference else None)
 
 
 def check_result(r, loss_sum, normalizer, metrics):

@@ -41,9 +41,9 @@ def test_lossce_fixture_properties():
     assert excess[1, 2] > excess[valid].max() + 1.0  # the padding slot would be picked first if it leaked
 
 
-def run_lossce(zp, zr, t, cfg, jit):
-    """losses.lossce eagerly or under jax.jit (as in the training step): XLA may rewrite float arithmetic."""
-    fn = lambda zp, zr, t: losses.lossce(losses.Passes(po(zp, t.ids), ref_p=po(zr, t.ids)), t, cfg)  # noqa: E731
+def run_lossce(zp, zr, t, obj, jit):
+    """A LossCE objective eagerly or under jax.jit (as in the training step): XLA may rewrite float arithmetic."""
+    fn = lambda zp, zr, t: obj(losses.Passes(po(zp, t.ids), ref_p=po(zr, t.ids)), t)  # noqa: E731
     return (jax.jit(fn) if jit else fn)(jnp.asarray(zp), jnp.asarray(zr), t)
 
 
@@ -52,9 +52,7 @@ def run_lossce(zp, zr, t, cfg, jit):
 def test_lossce_hand_computed(keep_frac, k, jit):
     # ceil matters: 0.5·5 = 2.5 -> 3 (floor/round give 2); 0.1·5 = 0.5 -> 1 (floor gives 0); 0.7·5 = 3.5 -> 4;
     # 0.6·5 = 3 exactly -> 3
-    cfg = losses.default_config().lossce
-    cfg.keep_frac = keep_frac
-    r = run_lossce(ZP_L, ZR, targets(), cfg, jit)
+    r = run_lossce(ZP_L, ZR, targets(), losses.LossCE(keep_frac=keep_frac), jit)
     nll, excess, selected, k_ref = lossce_reference(ZP_L, ZR, keep_frac)
     assert k_ref == k
     assert not selected[1, 2]
@@ -66,11 +64,24 @@ def test_lossce_hand_computed(keep_frac, k, jit):
     })
 
 
+@pytest.mark.parametrize("keep_frac", [0.1, 0.5, 0.6, 1.0])
+def test_lossce_diagnostics(keep_frac):
+    """``diagnostics``: excess loss e_t and the 0/1 selection mask (never a padding slot)."""
+    d = losses.LossCE(keep_frac=keep_frac).diagnostics(losses.Passes(po(ZP_L), ref_p=po(ZR)), targets())
+    assert set(d) == {"excess", "lossce_selected"}
+    _, excess, selected, k = lossce_reference(ZP_L, ZR, keep_frac)
+    valid = WEIGHT > 0  # padding slots of the excess are unspecified
+    for key in d:
+        assert d[key].shape == WEIGHT.shape, key
+    np.testing.assert_allclose(np.asarray(d["excess"])[valid], excess[valid], **TOL)
+    np.testing.assert_array_equal(np.asarray(d["lossce_selected"]), selected.astype(np.float32))  # padding: 0
+    assert selected.sum() == k
+
+
 def test_lossce_gradient_only_on_selected_tokens():
-    cfg = losses.default_config().lossce
-    cfg.keep_frac = 0.5
+    lossce = losses.LossCE(keep_frac=0.5)
     t = targets()
-    g = jax.grad(lambda zp, zr: losses.total_loss(losses.lossce(losses.Passes(po(zp), ref_p=po(zr)), t, cfg)),
+    g = jax.grad(lambda zp, zr: losses.total_loss(lossce(losses.Passes(po(zp), ref_p=po(zr)), t)),
                  argnums=(0, 1))(jnp.asarray(ZP_L), jnp.asarray(ZR))
     nll, _, selected, k = lossce_reference(ZP_L, ZR, 0.5)
     onehot = np.eye(4)[IDS]
@@ -98,9 +109,7 @@ def test_lossce_keep_count_is_exact_ceil(keep_frac, n, k, jit):
     zr = rng.normal(size=(1, n, V)).astype(np.float32)
     ids = rng.randint(0, V, size=(1, n)).astype(np.int32)
     w = np.ones((1, n), np.float32)
-    cfg = losses.default_config().lossce
-    cfg.keep_frac = keep_frac
-    r = run_lossce(zp, zr, targets(ids, w, w / n), cfg, jit)
+    r = run_lossce(zp, zr, targets(ids, w, w / n), losses.LossCE(keep_frac=keep_frac), jit)
     nll, excess, _, _ = lossce_reference(zp, zr, keep_frac, w, ids)
     top = np.argsort(-excess[0], kind="stable")[:k]
     assert float(r.metrics["selected_count"]) == k
@@ -111,22 +120,19 @@ def test_lossce_keep_count_is_exact_ceil(keep_frac, n, k, jit):
 # normalizers known from the data (gradient accumulation divides by these)
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, overrides", [
-    ("ce", {}), ("ce", {"per_sequence": True}), ("perce", {}), ("perce", {"per_sequence": True}),
-    ("entce", {}), ("entce", {"per_sequence": True}), ("lossce", {}), ("lossce", {"keep_frac": 0.5}),
-])
-def test_data_normalizer_matches_objective_normalizer(name, overrides):
-    cfg = losses.default_config()[name]
-    for key, v in overrides.items():
-        cfg[key] = v
+@pytest.mark.parametrize("obj", [
+    losses.CE(), losses.CE(per_sequence=True), losses.PerCE(), losses.PerCE(per_sequence=True),
+    losses.EntCE(), losses.EntCE(per_sequence=True), losses.LossCE(), losses.LossCE(keep_frac=0.5),
+], ids=repr)
+def test_data_normalizer_matches_objective_normalizer(obj):
     passes = losses.Passes(po(ZP_L, with_entropy=True), po(ZC), ref_p=po(ZR))
-    r = getattr(losses, name)(passes, targets(), cfg)
-    if name == "lossce":
-        expected = float(math.ceil(Fraction(str(cfg.keep_frac)) * 5))  # 5 response tokens
+    r = obj(passes, targets())
+    if isinstance(obj, losses.LossCE):
+        expected = float(math.ceil(Fraction(str(obj.keep_frac)) * 5))  # 5 response tokens
     else:
-        expected = 2.0 if overrides.get("per_sequence") else 5.0  # 2 sequences / 5 response tokens
+        expected = 2.0 if obj.per_sequence else 5.0  # 2 sequences / 5 response tokens
     np.testing.assert_allclose(np.asarray(r.normalizer), [expected], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(losses.data_normalizer(name, cfg, targets())), [expected], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(obj.data_normalizer(targets())), [expected], rtol=1e-6)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -135,25 +141,26 @@ def test_data_normalizer_lossce_per_micro_batch(jit):
     w = np.array([[[1, 1, 1, 0]], [[1, 1, 0, 0]], [[1, 1, 1, 1]]], np.float32)  # n_k = 3, 2, 4
     seq_w = w / np.maximum(w.sum(-1, keepdims=True), 1)
     t = losses.Targets(jnp.zeros(w.shape, jnp.int32), jnp.asarray(w), jnp.asarray(seq_w))
-    cfg = losses.default_config().lossce
-    cfg.keep_frac = 0.5
 
-    def fn(t, cfg):
-        f = lambda t: losses.data_normalizer("lossce", cfg, t)  # noqa: E731
+    def fn(t, obj):
+        f = lambda t: obj.data_normalizer(t)  # noqa: E731
         return (jax.jit(f) if jit else f)(t)
 
-    np.testing.assert_allclose(np.asarray(fn(t, cfg)), [5.0])  # ceil(1.5) + ceil(1.0) + ceil(2.0) = 2 + 1 + 2
+    # ceil(1.5) + ceil(1.0) + ceil(2.0) = 2 + 1 + 2
+    np.testing.assert_allclose(np.asarray(fn(t, losses.LossCE(keep_frac=0.5))), [5.0])
     # default keep_frac 0.6 on micro-batches of 5, 10 and 25 tokens: 3 + 6 + 15 (exact products stay exact)
     w = np.zeros((3, 1, 25), np.float32)
     for i, n in enumerate((5, 10, 25)):
         w[i, 0, :n] = 1.0
     t = losses.Targets(jnp.zeros(w.shape, jnp.int32), jnp.asarray(w), jnp.asarray(w / w.sum(-1, keepdims=True)))
-    np.testing.assert_allclose(np.asarray(fn(t, losses.default_config().lossce)), [24.0])
+    np.testing.assert_allclose(np.asarray(fn(t, losses.LossCE())), [24.0])
 
 
-def test_data_normalizer_none_for_nextquill():
+@pytest.mark.parametrize("obj", [losses.NextQuill(), losses.NextQuill(weighted_lp=True, fixed_theta_d=True)],
+                         ids=repr)
+def test_data_normalizer_none_for_nextquill(obj):
     """NextQuill's Σω depends on the parameters: no data normalizer."""
-    assert losses.data_normalizer("nextquill", losses.default_config().nextquill, targets()) is None
+    assert obj.data_normalizer(targets()) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,9 +177,7 @@ def entce_reference(zp, max_weight, coef):
 
 @pytest.mark.parametrize("max_weight", [5.0, 1.05])
 def test_entce_hand_computed(max_weight):
-    cfg = losses.default_config().entce
-    cfg.max_weight = max_weight
-    r = losses.entce(losses.Passes(po(ZP, with_entropy=True)), targets(), cfg)
+    r = losses.EntCE(max_weight=max_weight)(losses.Passes(po(ZP, with_entropy=True)), targets())
     h, w, nll, loss_sum, n = entce_reference(ZP, max_weight, WEIGHT)
     if max_weight < 2:
         assert np.sum((h / ((WEIGHT * h).sum() / 5) > max_weight) & (WEIGHT > 0)) >= 1  # clipping is exercised
@@ -187,18 +192,32 @@ def test_entce_hand_computed(max_weight):
     })
 
 
+@pytest.mark.parametrize("max_weight", [5.0, 1.05])
+def test_entce_diagnostics(max_weight):
+    """``diagnostics``: predictive entropy H_t and w_t = min(H_t / mean H, max_weight), the mean over valid tokens."""
+    d = losses.EntCE(max_weight=max_weight).diagnostics(losses.Passes(po(ZP, with_entropy=True)), targets())
+    assert set(d) == {"entropy", "entce_weight"}
+    h, w, *_ = entce_reference(ZP, max_weight, WEIGHT)
+    valid = WEIGHT > 0  # padding slots are unspecified
+    for key in d:
+        assert d[key].shape == WEIGHT.shape, key
+    np.testing.assert_allclose(np.asarray(d["entropy"])[valid], h[valid], **TOL)
+    np.testing.assert_allclose(np.asarray(d["entce_weight"])[valid], w[valid], **TOL)
+    # the padding slot's entropy is not in the mean: including it would change every weight
+    h_all_mean = h.mean()
+    assert abs(h_all_mean - (WEIGHT * h).sum() / 5) > 1e-3
+
+
 def test_entce_per_sequence_and_constant_weights():
-    cfg = losses.default_config().entce
-    cfg.per_sequence = True
     t = targets()
-    r = losses.entce(losses.Passes(po(ZP, with_entropy=True)), t, cfg)
+    r = losses.EntCE(per_sequence=True)(losses.Passes(po(ZP, with_entropy=True)), t)
     h, w, nll, _, _ = entce_reference(ZP, 5.0, WEIGHT)
     seq0 = (w[0, :3] * nll[0, :3]).sum() / 3
     seq1 = (w[1, :2] * nll[1, :2]).sum() / 2
     check_result(r, [seq0 + seq1], [2.0], {"weight_sum": (WEIGHT * w).sum()})
     # gradient: entropy weights are constants
-    cfg.per_sequence = False
-    g = jax.grad(lambda zp: losses.total_loss(losses.entce(losses.Passes(po(zp, with_entropy=True)), t, cfg)))(
+    entce = losses.EntCE()
+    g = jax.grad(lambda zp: losses.total_loss(entce(losses.Passes(po(zp, with_entropy=True)), t)))(
         jnp.asarray(ZP))
     onehot = np.eye(4)[IDS]
     expected = (WEIGHT * w / 5)[..., None] * (np.exp(np_log_softmax(ZP)) - onehot)

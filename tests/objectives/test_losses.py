@@ -5,6 +5,7 @@ docstrings of ``percausal_jax.objectives.losses``; the library is only called to
 Shapes: B=2 sequences, R=3 response slots, V=4; slot (1, 2) is padding (weight 0).
 """
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +22,32 @@ from tests.objectives.fixtures import (IDS, TOL, WEIGHT, ZC, ZC_NQ, ZP, ZP_NQ, c
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_default_hyperparameters_match_specs():
-    cfg = losses.default_config()
     # perce.md §2.1: m = 0.8, M = 5.0
-    assert cfg.perce.clip_min == 0.8 and cfg.perce.clip_max == 5.0
-    assert cfg.perce.per_sequence is False
+    perce = losses.PerCE()
+    assert perce.clip_min == 0.8 and perce.clip_max == 5.0
+    assert perce.per_sequence is False
     # nextquill.md §3 table: δ = 0.05, λ = 0.9, ε = 0.1, α = 0.1; code-faithful default = unweighted L_p, dynamic DCE
-    nq = cfg.nextquill
+    nq = losses.NextQuill()
     assert (nq.delta, nq.high, nq.low, nq.alpha) == (0.05, 0.9, 0.1, 0.1)
     assert nq.weighted_lp is False and nq.fixed_theta_d is False
-    # losses.lossce docstring: default keep 60%
-    assert cfg.lossce.keep_frac == 0.6
+    # LossCE docstring: default keep 60%
+    assert losses.LossCE().keep_frac == 0.6
+    # EntCE docstring: weights clipped at 5, per-token normalization; CE per token
+    assert losses.EntCE().max_weight == 5.0 and losses.EntCE().per_sequence is False
+    assert losses.CE().per_sequence is False
+
+
+def test_objectives_are_frozen_keyword_only_values():
+    """Hyper-parameters are typed, keyword-only, immutable fields: a positional or misspelled argument is an error,
+    and equal hyper-parameters give equal (hashable) objectives, so one can close over them in a jitted function."""
+    with pytest.raises(TypeError):
+        losses.PerCE(0.5, 4.0)
+    with pytest.raises(TypeError):
+        losses.PerCE(clip_mx=4.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        losses.PerCE().clip_min = 0.5
+    assert losses.PerCE(clip_min=0.5) == losses.PerCE(clip_min=0.5) != losses.PerCE()
+    assert hash(losses.NextQuill(fixed_theta_d=True)) == hash(losses.NextQuill(fixed_theta_d=True))
 
 
 def test_outputs_from_logits_matches_numpy():
@@ -46,9 +63,7 @@ def test_outputs_from_logits_matches_numpy():
 
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_ce_hand_computed(per_sequence):
-    cfg = losses.default_config().ce
-    cfg.per_sequence = per_sequence
-    r = losses.ce(losses.Passes(po(ZP)), targets(), cfg)
+    r = losses.CE(per_sequence=per_sequence)(losses.Passes(po(ZP)), targets())
     nll = -np_logp(ZP)
     n_tok = 5.0
     if per_sequence:
@@ -84,8 +99,7 @@ def test_perce_fixture_covers_all_clip_regions():
 
 
 def test_perce_hand_computed_default():
-    cfg = losses.default_config().perce
-    r = losses.perce(losses.Passes(po(ZP), po(ZC)), targets(), cfg)
+    r = losses.PerCE()(losses.Passes(po(ZP), po(ZC)), targets())
     pir, w, nll, loss_sum, n = perce_reference(ZP, ZC, 0.8, 5.0, WEIGHT)
     assert n == 5.0
     check_result(r, [loss_sum], [n], {
@@ -104,9 +118,7 @@ def test_perce_hand_computed_default():
 
 
 def test_perce_other_clip_bounds():
-    cfg = losses.default_config().perce
-    cfg.clip_min, cfg.clip_max = 0.2, 2.0
-    r = losses.perce(losses.Passes(po(ZP), po(ZC)), targets(), cfg)
+    r = losses.PerCE(clip_min=0.2, clip_max=2.0)(losses.Passes(po(ZP), po(ZC)), targets())
     pir, w, nll, loss_sum, n = perce_reference(ZP, ZC, 0.2, 2.0, WEIGHT)
     valid = WEIGHT > 0
     check_result(r, [loss_sum], [n], {
@@ -117,9 +129,7 @@ def test_perce_other_clip_bounds():
 
 
 def test_perce_per_sequence():
-    cfg = losses.default_config().perce
-    cfg.per_sequence = True
-    r = losses.perce(losses.Passes(po(ZP), po(ZC)), targets(), cfg)
+    r = losses.PerCE(per_sequence=True)(losses.Passes(po(ZP), po(ZC)), targets())
     pir, w, nll, _, _ = perce_reference(ZP, ZC, 0.8, 5.0, WEIGHT)
     seq0 = (w[0, :3] * nll[0, :3]).sum() / 3
     seq1 = (w[1, :2] * nll[1, :2]).sum() / 2
@@ -127,11 +137,31 @@ def test_perce_per_sequence():
     np.testing.assert_allclose(float(losses.total_loss(r)), (seq0 + seq1) / 2, **TOL)
 
 
+@pytest.mark.parametrize("clip_min, clip_max", [(0.8, 5.0), (0.2, 2.0)])
+def test_perce_diagnostics(clip_min, clip_max):
+    """``diagnostics``: PIR_t and w_t = clip(PIR_t, m, M) per token (what ``percausal score`` prints)."""
+    d = losses.PerCE(clip_min=clip_min, clip_max=clip_max).diagnostics(losses.Passes(po(ZP), po(ZC)), targets())
+    assert set(d) == {"pir", "perce_weight"}
+    pir, w, *_ = perce_reference(ZP, ZC, clip_min, clip_max, WEIGHT)
+    valid = WEIGHT > 0  # padding slots are unspecified
+    for k in d:
+        assert d[k].shape == WEIGHT.shape, k
+    np.testing.assert_allclose(np.asarray(d["pir"])[valid], pir[valid], **TOL)
+    np.testing.assert_allclose(np.asarray(d["perce_weight"])[valid], w[valid], **TOL)
+    # every clip region is present among the valid tokens (the weights are not all clipped, nor all unclipped)
+    wv = w[valid]
+    assert np.any(wv == clip_min) and np.any(wv == clip_max) and np.any((wv > clip_min) & (wv < clip_max))
+
+
+def test_ce_has_no_diagnostics():
+    assert losses.CE().diagnostics(losses.Passes(po(ZP)), targets()) == {}
+
+
 def test_perce_pir_sign():
     """PIR = log p(y | profile) - log p(y | no profile): swapping the passes negates it (perce.md §1)."""
-    cfg = losses.default_config().perce
-    r = losses.perce(losses.Passes(po(ZP), po(ZC)), targets(), cfg)
-    r_swapped = losses.perce(losses.Passes(po(ZC), po(ZP)), targets(), cfg)
+    perce = losses.PerCE()
+    r = perce(losses.Passes(po(ZP), po(ZC)), targets())
+    r_swapped = perce(losses.Passes(po(ZC), po(ZP)), targets())
     expected = (WEIGHT * (np_logp(ZP) - np_logp(ZC))).sum()
     assert abs(expected) > 0.5
     np.testing.assert_allclose(float(r.metrics["pir_sum"]), expected, **TOL)
@@ -140,11 +170,11 @@ def test_perce_pir_sign():
 
 def test_perce_gradient_treats_weights_as_constants():
     """d loss / d z_p = w·weight/n · (softmax(z_p) - onehot(y)) with w constant; d loss / d z_c == 0 exactly."""
-    cfg = losses.default_config().perce
+    perce = losses.PerCE()
     t = targets()
 
     def lib_loss(zp, zc):
-        return losses.total_loss(losses.perce(losses.Passes(po(zp), po(zc)), t, cfg))
+        return losses.total_loss(perce(losses.Passes(po(zp), po(zc)), t))
 
     gp, gc = jax.grad(lib_loss, argnums=(0, 1))(jnp.asarray(ZP), jnp.asarray(ZC))
 
@@ -195,8 +225,7 @@ def test_nextquill_fixture_straddles_delta():
 
 
 def test_nextquill_hand_computed_default():
-    cfg = losses.default_config().nextquill
-    r = losses.nextquill(losses.Passes(po(ZP_NQ), po(ZC_NQ)), targets(), cfg)
+    r = losses.NextQuill()(losses.Passes(po(ZP_NQ), po(ZC_NQ)), targets())
     ref = nextquill_reference(ZP_NQ, ZC_NQ, ZP_NQ, ZC_NQ)
     # just above δ -> high, just below -> low
     assert ref["omega"][0, 0] == 0.9 and ref["omega"][0, 1] == 0.1
@@ -212,9 +241,7 @@ def test_nextquill_hand_computed_default():
 
 
 def test_nextquill_weighted_lp():
-    cfg = losses.default_config().nextquill
-    cfg.weighted_lp = True
-    r = losses.nextquill(losses.Passes(po(ZP_NQ), po(ZC_NQ)), targets(), cfg)
+    r = losses.NextQuill(weighted_lp=True)(losses.Passes(po(ZP_NQ), po(ZC_NQ)), targets())
     ref = nextquill_reference(ZP_NQ, ZC_NQ, ZP_NQ, ZC_NQ, weighted_lp=True)
     check_result(r, ref["loss_sum"], ref["normalizer"], {"alignment_ce_sum": (WEIGHT * ref["ce_diff"]).sum()})
     # and it differs from the unweighted variant on these inputs
@@ -223,11 +250,9 @@ def test_nextquill_weighted_lp():
 
 
 def test_nextquill_fixed_theta_d_uses_reference_passes():
-    cfg = losses.default_config().nextquill
-    cfg.fixed_theta_d = True
     # reference passes: personalized and counterfactual swapped -> DCE_ref = -DCE
     passes = losses.Passes(po(ZP_NQ), po(ZC_NQ), ref_p=po(ZC_NQ), ref_c=po(ZP_NQ))
-    r = losses.nextquill(passes, targets(), cfg)
+    r = losses.NextQuill(fixed_theta_d=True)(passes, targets())
     ref = nextquill_reference(ZP_NQ, ZC_NQ, ZC_NQ, ZP_NQ)
     dyn = nextquill_reference(ZP_NQ, ZC_NQ, ZP_NQ, ZC_NQ)
     assert not np.array_equal(ref["omega"], dyn["omega"])  # the fixture distinguishes the two DCE sources
@@ -238,12 +263,31 @@ def test_nextquill_fixed_theta_d_uses_reference_passes():
     })
 
 
+@pytest.mark.parametrize("fixed_theta_d", [False, True], ids=["dynamic", "fixed_theta_d"])
+@pytest.mark.parametrize("hp", [{}, {"delta": 0.0, "high": 2.0, "low": 0.5}], ids=["default", "custom"])
+def test_nextquill_diagnostics(fixed_theta_d, hp):
+    """``diagnostics``: DCE_t = p_h(y_t) − p_0(y_t) (from the reference passes with fixed_theta_d) and ω_t."""
+    nq = losses.NextQuill(fixed_theta_d=fixed_theta_d, **hp)
+    passes = losses.Passes(po(ZP_NQ), po(ZC_NQ), ref_p=po(ZC_NQ), ref_c=po(ZP_NQ))  # reference: DCE_ref = -DCE
+    d = nq.diagnostics(passes, targets())
+    assert set(d) == {"dce", "nextquill_weight"}
+    src = (ZC_NQ, ZP_NQ) if fixed_theta_d else (ZP_NQ, ZC_NQ)
+    ref = nextquill_reference(ZP_NQ, ZC_NQ, *src, delta=nq.delta, high=nq.high, low=nq.low)
+    valid = WEIGHT > 0  # padding slots are unspecified
+    for k in d:
+        assert d[k].shape == WEIGHT.shape, k
+    np.testing.assert_allclose(np.asarray(d["dce"])[valid], ref["dce"][valid], **TOL)
+    np.testing.assert_array_equal(np.asarray(d["nextquill_weight"])[valid], np.float32(ref["omega"][valid]))
+    # both weight levels occur among the valid tokens
+    assert set(np.unique(ref["omega"][valid])) == {nq.high, nq.low}
+
+
 def test_nextquill_gradient_flows_through_both_passes():
-    cfg = losses.default_config().nextquill
+    nq = losses.NextQuill()
     t = targets()
 
     def lib_loss(zp, zc):
-        return losses.total_loss(losses.nextquill(losses.Passes(po(zp), po(zc)), t, cfg))
+        return losses.total_loss(nq(losses.Passes(po(zp), po(zc)), t))
 
     gp, gc = jax.grad(lib_loss, argnums=(0, 1))(jnp.asarray(ZP_NQ), jnp.asarray(ZC_NQ))
     ref = nextquill_reference(ZP_NQ, ZC_NQ, ZP_NQ, ZC_NQ)
@@ -269,8 +313,8 @@ def test_nextquill_gradient_flows_through_both_passes():
 
 
 def test_nextquill_padding_slot_gets_no_gradient():
-    cfg = losses.default_config().nextquill
+    nq = losses.NextQuill()
     t = targets()
-    gp, gc = jax.grad(lambda zp, zc: losses.total_loss(losses.nextquill(losses.Passes(po(zp), po(zc)), t, cfg)),
+    gp, gc = jax.grad(lambda zp, zc: losses.total_loss(nq(losses.Passes(po(zp), po(zc)), t)),
                       argnums=(0, 1))(jnp.asarray(ZP_NQ), jnp.asarray(ZC_NQ))
     assert np.all(np.asarray(gp)[1, 2] == 0.0) and np.all(np.asarray(gc)[1, 2] == 0.0)

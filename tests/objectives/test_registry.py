@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from percausal_jax.data.pairing import PairedExample, collate
+from percausal_jax.data.pairing import PairedBatch, PairedExample, collate
+from percausal_jax.errors import UserError
 from percausal_jax.models import CausalLM, ModelConfig
 from percausal_jax.objectives import losses, registry
+from percausal_jax.objectives.losses import CE, EntCE, LossCE, NextQuill, PerCE, Requirements, Targets
+from percausal_jax.objectives.passes import compute_passes, evaluate
+from tests.objectives import fixtures
 
 # CPU compile time dominates these tiny computations; XLA's backend optimizations are not what is under test.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -50,24 +54,17 @@ ID1 = PairedExample((1, 5, 9, 13), (1, 5, 9, 13), (20, 21, 22, 2))
 ID2 = PairedExample((1, 7, 8, 9, 10, 11), (1, 7, 8, 9, 10, 11), (30, 2))
 
 
-def cfg_for(name, **overrides):
-    cfg = losses.default_config()[name]
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg
-
-
 def evaluate_many(model, batch, specs, ref_model=None):
-    """{key: registry.evaluate(name, model, batch, cfg, ref_model)} for specs {key: (name, cfg, uses_ref)}, all in
-    one jitted function."""
+    """{key: evaluate(objective, model, batch, ref_model)} for specs {key: (objective, uses_ref)}, all in one jitted
+    function (the objectives are frozen dataclasses closed over as constants)."""
     graphdef, state = nnx.split(model)
     ref_gd, ref_state = nnx.split(ref_model) if ref_model is not None else (None, None)
 
     def f(st, ref_st, b):
         m = nnx.merge(graphdef, st)
         ref = nnx.merge(ref_gd, ref_st) if ref_model is not None else None
-        return {k: registry.evaluate(name, m, b, cfg, ref_model=ref if uses_ref else None, chunk_size=CHUNK)
-                for k, (name, cfg, uses_ref) in specs.items()}
+        return {k: evaluate(obj, m, b, ref_model=ref if uses_ref else None, chunk_size=CHUNK)
+                for k, (obj, uses_ref) in specs.items()}
 
     return jax.tree.map(np.asarray, fast_jit(f)(state, ref_state, batch))
 
@@ -149,83 +146,245 @@ def softcap_model(model):
 
 @pytest.fixture(scope="module")
 def batch():
-    return collate([[EX1], [EX2]], personal_len=12, counterfactual_len=7, response_len=5).as_dict()
+    return collate([[EX1], [EX2]], personal_len=12, counterfactual_len=7, response_len=5)
 
 
 @pytest.fixture(scope="module")
 def identical_batch():
-    return collate([[ID1], [ID2]], personal_len=9, counterfactual_len=9, response_len=5).as_dict()
+    return collate([[ID1], [ID2]], personal_len=9, counterfactual_len=9, response_len=5)
 
 
 @pytest.fixture(scope="module")
 def e2e(model, ref_model, batch):
     specs = {
-        "ce": ("ce", cfg_for("ce"), False),
-        "perce": ("perce", cfg_for("perce"), False),
-        "nextquill": ("nextquill", cfg_for("nextquill"), False),
-        "nextquill_fixed": ("nextquill", cfg_for("nextquill", fixed_theta_d=True), True),
-        "lossce": ("lossce", cfg_for("lossce"), True),
-        "entce": ("entce", cfg_for("entce"), False),
+        "ce": (CE(), False),
+        "perce": (PerCE(), False),
+        "nextquill": (NextQuill(), False),
+        "nextquill_fixed": (NextQuill(fixed_theta_d=True), True),
+        "lossce": (LossCE(), True),
+        "entce": (EntCE(), False),
     }
     return evaluate_many(model, batch, specs, ref_model)
 
 
 IDENTICAL_SPECS = {
-    "ce": ("ce", {}, False),
-    "perce": ("perce", {}, False),
-    "perce_per_sequence": ("perce", {"per_sequence": True}, False),
-    "nextquill": ("nextquill", {}, False),
-    "nextquill_weighted_lp": ("nextquill", {"weighted_lp": True}, False),
-    "nextquill_fixed": ("nextquill", {"fixed_theta_d": True}, True),
-    "lossce": ("lossce", {}, True),
-    "entce": ("entce", {}, False),
+    "ce": (CE(), False),
+    "perce": (PerCE(), False),
+    "perce_per_sequence": (PerCE(per_sequence=True), False),
+    "nextquill": (NextQuill(), False),
+    "nextquill_weighted_lp": (NextQuill(weighted_lp=True), False),
+    "nextquill_fixed": (NextQuill(fixed_theta_d=True), True),
+    "lossce": (LossCE(), True),
+    "entce": (EntCE(), False),
 }
 
 
 @pytest.fixture(scope="module")
 def identical(plain_model, ref_model, identical_batch):
-    specs = {k: (name, cfg_for(name, **ov), uses_ref) for k, (name, ov, uses_ref) in IDENTICAL_SPECS.items()}
-    return evaluate_many(plain_model, identical_batch, specs, ref_model)
+    return evaluate_many(plain_model, identical_batch, IDENTICAL_SPECS, ref_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry surface
+# registry surface: names and config blocks
 
-def test_registry_lists_the_five_objectives():
-    assert set(registry.OBJECTIVES) == {"ce", "perce", "nextquill", "lossce", "entce"}
-    with pytest.raises(ValueError):
-        registry.get("not_an_objective")
+ALL = {"ce": CE, "perce": PerCE, "nextquill": NextQuill, "lossce": LossCE, "entce": EntCE}
 
 
-def test_requirements():
-    cfg = losses.default_config()
-    perce = registry.get("perce").requirements(cfg.perce)
-    assert perce.counterfactual and not perce.counterfactual_grad and not perce.reference
-    nq = registry.get("nextquill").requirements(cfg.nextquill)
-    assert nq.counterfactual and nq.counterfactual_grad and nq.full_logits and nq.reference == ()
-    nq_fixed = registry.get("nextquill").requirements(cfg_for("nextquill", fixed_theta_d=True))
-    assert set(nq_fixed.reference) == {"p", "c"}
-    assert registry.get("lossce").requirements(cfg.lossce).reference == ("p",)
-    assert registry.get("entce").requirements(cfg.entce).entropy
+def test_registry_maps_each_name_to_its_objective():
+    assert registry.OBJECTIVES == ALL
+    for name, cls in ALL.items():
+        assert registry.get(name) is cls and cls.name == name
+
+
+@pytest.mark.parametrize("name, hint", [("percee", "perce"), ("next_quill", "nextquill"), ("xyz", None)])
+def test_get_unknown_objective(name, hint):
+    with pytest.raises(UserError) as e:
+        registry.get(name)
+    msg = str(e.value)
+    assert repr(name) in msg and all(n in msg for n in ALL)  # names the bad value and the choices
+    assert (f"did you mean {hint!r}" in msg) if hint else ("did you mean" not in msg)
+
+
+def from_config_error(block, where="objective") -> str:
+    with pytest.raises(UserError) as e:
+        registry.from_config(block, where)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_default_config_round_trips_to_dataclass_defaults(name):
+    block = registry.default_config()
+    # every method's block holds exactly its dataclass's fields, at their defaults and of their types
+    for n, cls in ALL.items():
+        defaults = dataclasses.asdict(cls())
+        assert dict(block[n]) == defaults, n
+        assert all(type(block[n][k]) is type(v) for k, v in defaults.items()), n
+    block.name = name
+    obj = registry.from_config(block)
+    assert type(obj) is ALL[name] and obj == ALL[name]()
+
+
+def test_default_config_selects_perce():
+    assert registry.from_config(registry.default_config()) == PerCE()
+
+
+def test_from_config_reads_the_named_block():
+    block = registry.default_config()
+    block.name = "nextquill"
+    block.nextquill.delta = 0.2
+    block.nextquill.fixed_theta_d = True
+    block.perce.clip_min = 0.1  # another method's block: checked, not used
+    obj = registry.from_config(block)
+    assert obj == NextQuill(delta=0.2, fixed_theta_d=True)
+    assert obj.requirements.reference == ("p", "c")  # the hyper-parameter reaches the behaviour
+    # a missing method block means its defaults; an int for a float field becomes a float
+    assert registry.from_config({"name": "lossce"}) == LossCE()
+    obj = registry.from_config({"name": "perce", "perce": {"clip_max": 4}})
+    assert obj == PerCE(clip_max=4.0) and type(obj.clip_max) is float
+
+
+@pytest.mark.parametrize("key, hint", [("percee", "perce"), ("vocab_chunk", "vocab_chunk_size")])
+def test_from_config_unknown_block_key(key, hint):
+    block = registry.default_config()
+    block[key] = {"clip_min": 0.5} if key == "percee" else 4096
+    msg = from_config_error(block)
+    assert msg.startswith(f"objective.{key}:") and f"did you mean {hint!r}" in msg
+
+
+def test_from_config_unknown_hyperparameter():
+    block = registry.default_config()
+    block.perce.clip_mx = 4.0
+    msg = from_config_error(block)
+    assert msg.startswith("objective.perce.clip_mx:") and "did you mean 'clip_max'" in msg
+    # in the block of a method other than the selected one too (a typo is never silently ignored), under `where`
+    block = registry.default_config()
+    block.name = "ce"
+    block.nextquill.detla = 0.1
+    msg = from_config_error(block, "train.objective")
+    assert msg.startswith("train.objective.nextquill.detla:") and "did you mean 'delta'" in msg
+
+
+@pytest.mark.parametrize("name, key, value, expected", [
+    ("perce", "clip_min", "0.8", "float"),
+    ("perce", "clip_max", True, "float"),  # a bool is not a number here
+    ("perce", "per_sequence", 1, "bool"),
+    ("nextquill", "fixed_theta_d", "yes", "bool"),
+    ("lossce", "keep_frac", None, "float"),
+])
+def test_from_config_wrong_type(name, key, value, expected):
+    msg = from_config_error({"name": name, name: {key: value}})
+    assert msg.startswith(f"objective.{name}.{key}={value!r}:") and expected in msg
+
+
+def test_from_config_unknown_or_missing_name():
+    block = registry.default_config()
+    block.name = "percee"
+    msg = from_config_error(block)
+    assert "'percee'" in msg and "did you mean 'perce'" in msg
+    assert from_config_error({"perce": {}}).startswith("objective.name:")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# requirements, through behaviour
+
+CASES = [CE(), CE(per_sequence=True), PerCE(), NextQuill(), NextQuill(weighted_lp=True),
+         NextQuill(fixed_theta_d=True), LossCE(), EntCE()]
+
+
+def weaker(req: Requirements) -> list[Requirements]:
+    """``req`` with one of the passes (or one part of a pass) it asks for withheld."""
+    out = [dataclasses.replace(req, **{f: False}) for f in ("counterfactual", "full_logits", "entropy")
+           if getattr(req, f)]
+    return out + [dataclasses.replace(req, reference=tuple(r for r in req.reference if r != p)) for p in req.reference]
+
+
+@pytest.mark.parametrize("obj", CASES, ids=repr)
+def test_requirements_are_sufficient_and_minimal(obj):
+    """Given only the passes its ``requirements`` ask for (as ``compute_passes`` produces them), an objective gives
+    exactly what it gives with every pass; withholding any one of them breaks it (nothing asked for goes unused)."""
+    x_all, t = fixtures.all_passes(), fixtures.targets()
+    want, got = obj(x_all, t), obj(fixtures.restrict(x_all, obj.requirements), t)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for req in weaker(obj.requirements):
+        with pytest.raises((AttributeError, TypeError)):
+            obj(fixtures.restrict(x_all, req), t)
+
+
+def test_union_of_requirements_serves_every_objective():
+    """One set of passes for several objectives (``percausal score`` evaluates them together): the union of their
+    requirements is enough for each, and still minimal for the union of what they use."""
+    x_all, t = fixtures.all_passes(), fixtures.targets()
+    req = Requirements()
+    for obj in CASES:
+        req = req.union(obj.requirements)
+    for obj in CASES:
+        for a, b in zip(jax.tree.leaves(obj(x_all, t)), jax.tree.leaves(obj(fixtures.restrict(x_all, req), t))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for weak in weaker(req):
+        with pytest.raises((AttributeError, TypeError)):
+            for obj in CASES:
+                obj(fixtures.restrict(x_all, weak), t)
+    pair = PerCE().requirements.union(LossCE().requirements)
+    assert pair == Requirements(counterfactual=True, reference=("p",))
+    assert NextQuill(fixed_theta_d=True).requirements.union(LossCE().requirements).reference == ("c", "p")
+
+
+@pytest.mark.parametrize("obj", CASES, ids=repr)
+def test_counterfactual_grad_iff_the_loss_differentiates_it(obj):
+    """``counterfactual_grad`` is asked for exactly when the loss has a gradient through the counterfactual pass."""
+    x_all, t = fixtures.all_passes(), fixtures.targets()
+
+    def loss(zc):
+        x = x_all._replace(c=fixtures.po(zc, with_entropy=True))
+        return losses.total_loss(obj(fixtures.restrict(x, obj.requirements), t))
+
+    g = np.asarray(jax.grad(loss)(jnp.asarray(fixtures.ZC)))
+    assert bool(np.abs(g).max() > 1e-4) == obj.requirements.counterfactual_grad
+
+
+@pytest.mark.parametrize("obj", CASES, ids=repr)
+def test_compute_passes_runs_what_requirements_ask(model, ref_model, batch, obj):
+    """Exactly the passes asked for, each with logits [B, R, V] / entropy [B, R] only when asked (shapes only)."""
+    req = obj.requirements
+    (gd, st), (rgd, rst) = nnx.split(model), nnx.split(ref_model)
+    x = jax.eval_shape(lambda s, rs, b: compute_passes(nnx.merge(gd, s), b, req, CHUNK, nnx.merge(rgd, rs)),
+                       st, rst, batch)
+    B, R = batch.response.ids.shape
+    present = {"p": True, "c": req.counterfactual, "ref_p": "p" in req.reference, "ref_c": "c" in req.reference}
+    for field, wanted in present.items():
+        out = getattr(x, field)
+        assert (out is not None) == wanted, field
+        if out is not None:
+            assert out.logp.shape == (B, R) and out.logp.dtype == jnp.float32, field
+            assert (out.logits.shape == (B, R, V)) if req.full_logits else (out.logits is None), field
+            assert (out.entropy.shape == (B, R)) if req.entropy else (out.entropy is None), field
+    # and the objective runs on them
+    r = jax.eval_shape(obj, x, Targets.of(batch))
+    assert r.loss_sum.shape == r.normalizer.shape
 
 
 def test_batch_layout(batch):
     # the two examples really have different prompt lengths -> different index arrays
-    r = batch["response"]
-    np.testing.assert_array_equal(r["index_personal"][0, :4], [5, 6, 7, 8])
-    np.testing.assert_array_equal(r["index_personal"][1, :3], [8, 9, 10])
-    np.testing.assert_array_equal(r["index_counterfactual"][0, :4], [2, 3, 4, 5])
-    np.testing.assert_array_equal(r["index_counterfactual"][1, :3], [1, 2, 3])
-    np.testing.assert_array_equal(r["weight"], [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    assert isinstance(batch, PairedBatch)
+    r = batch.response
+    np.testing.assert_array_equal(r.index_personal[0, :4], [5, 6, 7, 8])
+    np.testing.assert_array_equal(r.index_personal[1, :3], [8, 9, 10])
+    np.testing.assert_array_equal(r.index_counterfactual[0, :4], [2, 3, 4, 5])
+    np.testing.assert_array_equal(r.index_counterfactual[1, :3], [1, 2, 3])
+    np.testing.assert_array_equal(r.weight, [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    t = Targets.of(batch)
+    np.testing.assert_array_equal(t.ids, r.ids)
+    np.testing.assert_array_equal(t.weight, r.weight)
+    np.testing.assert_array_equal(t.seq_weight, r.seq_weight)
 
 
-@pytest.mark.parametrize("name, overrides", [("lossce", {}), ("nextquill", {"fixed_theta_d": True})])
-def test_missing_ref_model_raises(plain_model, identical_batch, name, overrides):
+@pytest.mark.parametrize("obj", [LossCE(), NextQuill(fixed_theta_d=True)], ids=repr)
+def test_missing_ref_model_raises(plain_model, identical_batch, obj):
     graphdef, state = nnx.split(plain_model)
-    cfg = cfg_for(name, **overrides)
     with pytest.raises(ValueError):
-        jax.eval_shape(lambda st: registry.evaluate(name, nnx.merge(graphdef, st), identical_batch, cfg,
-                                                    ref_model=None, chunk_size=CHUNK), state)
+        jax.eval_shape(lambda st: evaluate(obj, nnx.merge(graphdef, st), identical_batch, ref_model=None,
+                                           chunk_size=CHUNK), state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,19 +394,18 @@ def test_missing_ref_model_raises(plain_model, identical_batch, name, overrides)
 def passes_results(model, softcap_model, batch):
     """compute_passes on the 2-example batch (chunked, full logits, chunked under a softcap model) and on a packed
     batch, all in one jitted function."""
-    chunked = registry.Requirements(counterfactual=True, entropy=True)
-    full = registry.Requirements(counterfactual=True, full_logits=True, entropy=True)
-    packed = collate([[EX1, EX3], [EX2]], personal_len=16, counterfactual_len=12, response_len=7).as_dict()
+    chunked = Requirements(counterfactual=True, entropy=True)
+    full = Requirements(counterfactual=True, full_logits=True, entropy=True)
+    packed = collate([[EX1, EX3], [EX2]], personal_len=16, counterfactual_len=12, response_len=7)
     graphdef, state = nnx.split(model)
     graphdef_sc = nnx.split(softcap_model)[0]
 
     def f(st, b, pb):
         m, m_sc = nnx.merge(graphdef, st), nnx.merge(graphdef_sc, st)
-        return {"chunked": registry.compute_passes(m, b, chunked, chunk_size=CHUNK),
-                "full": registry.compute_passes(m, b, full, chunk_size=CHUNK),
-                "softcap": registry.compute_passes(m_sc, b, chunked, chunk_size=CHUNK),
-                "packed": registry.compute_passes(m, pb, registry.Requirements(counterfactual=True),
-                                                  chunk_size=CHUNK)}
+        return {"chunked": compute_passes(m, b, chunked, chunk_size=CHUNK),
+                "full": compute_passes(m, b, full, chunk_size=CHUNK),
+                "softcap": compute_passes(m_sc, b, chunked, chunk_size=CHUNK),
+                "packed": compute_passes(m, pb, Requirements(counterfactual=True), chunk_size=CHUNK)}
 
     return jax.tree.map(np.asarray, fast_jit(f)(state, batch, packed))
 
@@ -310,40 +468,89 @@ def test_perce_end_to_end(model, e2e):
     np.testing.assert_allclose(float(r.metrics["weight_sum"]), w.sum(), **TOL)
 
 
-def test_perce_gradient_end_to_end(model, batch):
-    """Gradient w.r.t. the LM head == gradient of Σ w·nll / n with w a numpy constant (stop-gradient is real, and
-    the chunked log-prob gradient is that of the full softmax). Differentiating only the head keeps compile short."""
-    cfg = cfg_for("perce")
+def direct_tokens(examples, personal):
+    """The examples' personalized (or counterfactual) sequences, right-filled to DIRECT_LEN in one [n, DIRECT_LEN]
+    array, and the (row, position) pairs predicting each response token, in the order of ``direct``."""
+    toks = np.zeros((len(examples), DIRECT_LEN), np.int32)
+    rows = []
+    for b, ex in enumerate(examples):
+        prompt = ex.prompt_ids if personal else ex.prompt_no_profile_ids
+        seq = list(prompt) + list(ex.response_ids[:-1])
+        toks[b, :len(seq)] = seq
+        rows += [(b, len(prompt) - 1 + t) for t in range(len(ex.response_ids))]
+    return jnp.asarray(toks), np.asarray(rows)
+
+
+@pytest.fixture(scope="module")
+def head_grads(model, batch):
+    """Gradients w.r.t. the LM head (differentiating only the head keeps compile short), in one jitted function:
+    of PerCE and NextQuill through ``evaluate``, of the same losses written directly on the model's full logits
+    (no segment ids, index arrays or chunking) with the weights as numpy constants, of NextQuill's reference with
+    the counterfactual logits held constant, and of Σ counterfactual log-probs from ``compute_passes`` without and
+    with ``counterfactual_grad``."""
     d = direct(model, [EX1, EX2])
-    w = np.clip(np.concatenate([gold_logp(zp, ids) - gold_logp(zc, ids) for zp, zc, ids in d]), 0.8, 5.0)
+    lp_p = np.concatenate([gold_logp(zp, ids) for zp, _, ids in d])
+    lp_c = np.concatenate([gold_logp(zc, ids) for _, zc, ids in d])
+    w_perce = jnp.asarray(np.clip(lp_p - lp_c, 0.8, 5.0), jnp.float32)
+    omega = jnp.asarray(np.where(np.exp(lp_p) - np.exp(lp_c) > 0.05, 0.9, 0.1), jnp.float32)
+    ids = jnp.asarray(np.concatenate([ex.response_ids for ex in (EX1, EX2)]))
+    (toks_p, rows_p), (toks_c, rows_c) = direct_tokens([EX1, EX2], True), direct_tokens([EX1, EX2], False)
     graphdef, head_state, rest = nnx.split(model, nnx.PathContains("lm_head"), ...)
     assert len(jax.tree.leaves(head_state)) == 1
+    n = float(len(ids))
+    assert n == 7
 
-    # direct personalized sequences, right-filled, one batched call
-    toks = np.zeros((2, DIRECT_LEN), np.int32)
-    rows, ids = [], []
-    for b, ex in enumerate((EX1, EX2)):
-        seq = list(ex.prompt_ids) + list(ex.response_ids[:-1])
-        toks[b, :len(seq)] = seq
-        for t, y in enumerate(ex.response_ids):
-            rows.append((b, len(ex.prompt_ids) - 1 + t))
-            ids.append(y)
-    rows, ids = np.asarray(rows), np.asarray(ids)
-    w_const = jnp.asarray(w, jnp.float32)
+    def gold(z):
+        return jax.nn.log_softmax(z, -1)[jnp.arange(len(ids)), ids]
 
-    def lib(hs):
+    def lib(obj):
+        return lambda hs: losses.total_loss(evaluate(obj, nnx.merge(graphdef, hs, rest), batch, chunk_size=CHUNK))
+
+    def direct_logits(hs):
         m = nnx.merge(graphdef, hs, rest)
-        return losses.total_loss(registry.evaluate("perce", m, batch, cfg, chunk_size=CHUNK))
+        return m(toks_p)[rows_p[:, 0], rows_p[:, 1]], m(toks_c)[rows_c[:, 0], rows_c[:, 1]]
 
-    def reference(hs):
-        logits = nnx.merge(graphdef, hs, rest)(jnp.asarray(toks))
-        ls = jax.nn.log_softmax(logits[rows[:, 0], rows[:, 1]], -1)
-        return jnp.sum(w_const * -ls[jnp.arange(len(ids)), ids]) / 7.0
+    def perce_reference(hs):
+        zp, _ = direct_logits(hs)
+        return jnp.sum(w_perce * -gold(zp)) / n
 
-    g_lib, g_ref = fast_jit(lambda hs: (jax.grad(lib)(hs), jax.grad(reference)(hs)))(head_state)
-    (a,), (b,) = jax.tree.leaves(g_lib), jax.tree.leaves(g_ref)
-    assert float(jnp.abs(b).max()) > 1e-3
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    def nextquill_reference(hs, cut_c=False):
+        zp, zc = direct_logits(hs)
+        zc = jax.lax.stop_gradient(zc) if cut_c else zc
+        return jnp.sum(omega * -gold(zp)) / jnp.sum(omega) + 0.1 * jnp.mean(-gold(zp - zc))
+
+    def c_logp_sum(req):
+        return lambda hs: jnp.sum(compute_passes(nnx.merge(graphdef, hs, rest), batch, req, CHUNK).c.logp)
+
+    fns = {"perce": lib(PerCE()), "perce_ref": perce_reference,
+           "nextquill": lib(NextQuill()), "nextquill_ref": nextquill_reference,
+           "nextquill_ref_cut_c": functools.partial(nextquill_reference, cut_c=True),
+           "c_no_grad": c_logp_sum(Requirements(counterfactual=True)),
+           "c_grad": c_logp_sum(Requirements(counterfactual=True, counterfactual_grad=True))}
+    grads = fast_jit(lambda hs: {k: jax.grad(f)(hs) for k, f in fns.items()})(head_state)
+    return {k: np.asarray(jax.tree.leaves(g)[0]) for k, g in grads.items()}
+
+
+def test_perce_gradient_end_to_end(head_grads):
+    """Gradient w.r.t. the LM head == gradient of Σ w·nll / n with w a numpy constant (stop-gradient is real, and
+    the chunked log-prob gradient is that of the full softmax)."""
+    a, b = head_grads["perce"], head_grads["perce_ref"]
+    assert float(np.abs(b).max()) > 1e-3
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_nextquill_gradient_end_to_end(head_grads):
+    """Gradient w.r.t. the LM head == that of L_n + α·L_p on the full logits with ω a numpy constant, the gradient
+    flowing through BOTH passes (the part through the counterfactual pass is not negligible on this batch)."""
+    a, b, cut = head_grads["nextquill"], head_grads["nextquill_ref"], head_grads["nextquill_ref_cut_c"]
+    assert float(np.abs(b).max()) > 1e-3
+    assert float(np.abs(b - cut).max()) > 1e-3
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_counterfactual_pass_is_cut_without_counterfactual_grad(head_grads):
+    assert np.all(head_grads["c_no_grad"] == 0.0)
+    assert float(np.abs(head_grads["c_grad"]).max()) > 1e-3
 
 
 def test_nextquill_end_to_end(model, e2e):
@@ -394,7 +601,7 @@ def test_entce_end_to_end(model, e2e):
 # identical prompts ⇒ PIR = 0, every PerCE weight = clip_min; every objective runs
 
 def test_identical_prompts_give_zero_pir(identical):
-    clip_min = cfg_for("perce").clip_min
+    clip_min = PerCE().clip_min
     r = identical["perce"]
     tokens = float(r.metrics["tokens"])
     assert tokens == 6.0

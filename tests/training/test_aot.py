@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from percausal_jax.config import load_config
+from percausal_jax.config import RunConfig, load_config
 from percausal_jax.errors import UserError
 from percausal_jax.hf.checkpoint import read_config
 from percausal_jax.training import aot
@@ -13,8 +13,18 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def _cfg(model_dir):
-    return load_config("configs/tiny.py", [f"--config.model.path={model_dir}", "--config.mesh.fsdp=4",
-                                           "--config.objective.name=perce"])
+    return RunConfig.from_config(load_config("configs/tiny.py", [
+        f"--config.model.path={model_dir}", "--config.mesh.fsdp=4", "--config.objective.name=perce",
+        "--config.train.grad_accum_steps=1"]))  # the same batch check as training: 4 rows over fsdp=4
+
+
+def test_aot_refuses_what_training_refuses(setup):
+    """The plan is built by the run spine, with training's checks: 2 rows per micro-batch over 4 devices."""
+    model_dir, _ = setup
+    rc = RunConfig.from_config(load_config("configs/tiny.py", [
+        f"--config.model.path={model_dir}", "--config.mesh.fsdp=4", "--config.train.grad_accum_steps=2"]))
+    with pytest.raises(UserError, match="a micro-batch has 2 rows, not a multiple of mesh data×fsdp=4"):
+        aot.plan(rc, read_config(model_dir), "v5e:2x2")
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (pip install ".[tpu]" enables AOT for TPUs)')

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 import percausal_jax as pj
 from percausal_jax import atomic, cli, storage
-from percausal_jax.config import load_config
+from percausal_jax.config import RunConfig, load_config
 from percausal_jax.hf.checkpoint import hf_state_dict
 from percausal_jax.hf.peft import adapter_tensors
 from percausal_jax.models.lora import merge_lora
@@ -71,9 +71,9 @@ def run(tmp_path_factory, gcs):
         "--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj,down_proj",
         "--config.mesh.fsdp=4", "--config.mesh.tensor=2"])
     work = d / "run"
-    train(cfg, work, progress=False)
+    train(RunConfig.from_config(cfg), work, progress=False)
     model, r, _, step = restore_model(work)
-    assert (r.cfg.mesh.fsdp, r.cfg.mesh.tensor) == (4, 2)
+    assert (r.config.mesh.fsdp, r.config.mesh.tensor) == (4, 2)
     assert dict(r.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}  # restored onto another mesh than trained
     yield {"dir": d, "work": work, "snapshot": snapshot, "hub": hub, "src": src, "data": data, "model": model,
            "logits": np.asarray(model(IDS)), "step": step}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from percausal_jax.config import load_config
+from percausal_jax.config import RunConfig, load_config
 from percausal_jax.training.loop import train
 from tests.config_tracker import leaf_keys, track
 from tests.helpers import tiny_hf_model, tiny_tokenizer
@@ -64,8 +64,8 @@ def model_dir(root, model_type, **kw):
 
 def run(cfg_path, workdir, overrides):
     cfg = load_config(str(cfg_path), overrides)
-    with track(cfg) as reads:
-        last = train(cfg, workdir, progress=False)
+    with track() as reads:
+        last = train(RunConfig.from_config(cfg), workdir, progress=False)
     return cfg, reads, last
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from percausal_jax import cli
-from percausal_jax.config import load_config
+from percausal_jax.config import RunConfig, load_config
+from percausal_jax.objectives import NextQuill, PerCE
 from percausal_jax.errors import UserError
 from tests.helpers import torch_logits
 from tests.training.common import train_args
@@ -89,8 +90,9 @@ def test_all_examples_dropped_is_a_clear_error(setup, tmp_path, capsys):
 @pytest.mark.parametrize("arg", [f"{t},{m}" for t in ("abstract", "review", "topic")
                                  for m in ("qwen3-4b", "qwen3-14b", "llama3-8b")])
 def test_paper_configs_carry_the_spec_values(arg):
-    c = load_config(f"configs/perce_longlamp.py:{arg}")
-    assert c.objective.name == "perce" and (c.objective.perce.clip_min, c.objective.perce.clip_max) == (0.8, 5.0)
+    """perce.md §2 / §4: the typed run config each variant builds (read and validated as training reads it)."""
+    c = RunConfig.from_config(load_config(f"configs/perce_longlamp.py:{arg}"))
+    assert c.objective == PerCE(clip_min=0.8, clip_max=5.0)
     assert c.data.retriever == "contriever" and c.data.k == 4
     assert c.data.max_prompt_len + c.data.max_response_len == 5000
     assert c.optimizer.name == "adamw" and c.optimizer.lr in (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)
@@ -98,9 +100,8 @@ def test_paper_configs_carry_the_spec_values(arg):
 
 
 def test_nextquill_config_carries_the_code_values():
-    c = load_config("configs/nextquill_amazon.py")
-    nq = c.objective.nextquill
-    assert (c.objective.name, nq.delta, nq.high, nq.low, nq.alpha) == ("nextquill", 0.05, 0.9, 0.1, 0.1)
+    c = RunConfig.from_config(load_config("configs/nextquill_amazon.py"))
+    assert c.objective == NextQuill(delta=0.05, high=0.9, low=0.1, alpha=0.1)
     assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.warmup_ratio) == (5e-6, 0.025, 0.01)
     assert c.data.counterfactual_mode == "placeholder" and c.data.retriever == "recency" and c.data.k == 8
     with pytest.raises(UserError, match="expected TASK,MODEL"):

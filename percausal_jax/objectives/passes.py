@@ -1,0 +1,74 @@
+"""The two-pass forward that feeds an objective, and the small model interface it needs.
+
+:func:`compute_passes` runs exactly what an objective's :class:`~percausal_jax.objectives.losses.Requirements` ask:
+the personalized pass with gradient, the counterfactual pass with or without gradient (stop_gradient cuts its
+backward entirely), gold log-probs via the vocabulary-chunked head unless full logits are needed (NextQuill), and
+passes under frozen reference parameters when the objective compares against a reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+from percausal_jax.data.pairing import PairedBatch, Sequences
+from percausal_jax.objectives.logprobs import PassOutputs, chunked_outputs, full_logits, gather_rows, outputs_from_logits
+from percausal_jax.objectives.losses import Objective, Passes, Requirements, Result, Targets
+
+
+class LanguageModel(Protocol):
+    """What a pass needs of a model (:class:`~percausal_jax.models.decoder.CausalLM` implements it)."""
+
+    @property
+    def compute_dtype(self) -> Any: ...
+
+    @property
+    def logit_softcap(self) -> float | None: ...
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """int[B, L] ×3 → final-normed hidden states [B, L, D]."""
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as [D, V]."""
+
+
+def pass_outputs(model: LanguageModel, seq: Sequences, index: jax.Array, ids: jax.Array, req: Requirements,
+                 chunk_size: int) -> PassOutputs:
+    """One pass: hidden states of ``seq``, gathered at ``index`` int[B, R] (the rows predicting each response id)."""
+    hidden = model.hidden_states(seq.tokens, seq.positions, seq.segment_ids)
+    dtype = model.compute_dtype
+    h, head = gather_rows(hidden, index).astype(dtype), model.head_weight().astype(dtype)
+    if req.full_logits:
+        return outputs_from_logits(full_logits(h, head, model.logit_softcap), ids, with_entropy=req.entropy)
+    return chunked_outputs(h, head, ids, softcap=model.logit_softcap, chunk_size=chunk_size,
+                           with_entropy=req.entropy)
+
+
+def compute_passes(model: LanguageModel, batch: PairedBatch, req: Requirements, chunk_size: int = 8192,
+                   ref_model: LanguageModel | None = None) -> Passes:
+    r = batch.response
+    p = pass_outputs(model, batch.personal, r.index_personal, r.ids, req, chunk_size)
+    c = None
+    if req.counterfactual:
+        c = pass_outputs(model, batch.counterfactual, r.index_counterfactual, r.ids, req, chunk_size)
+        if not req.counterfactual_grad:
+            c = jax.lax.stop_gradient(c)
+    ref_p = ref_c = None
+    if req.reference:
+        if ref_model is None:
+            raise ValueError("this objective needs a frozen reference model")
+        if "p" in req.reference:
+            ref_p = jax.lax.stop_gradient(
+                pass_outputs(ref_model, batch.personal, r.index_personal, r.ids, req, chunk_size))
+        if "c" in req.reference:
+            ref_c = jax.lax.stop_gradient(
+                pass_outputs(ref_model, batch.counterfactual, r.index_counterfactual, r.ids, req, chunk_size))
+    return Passes(p, c, ref_p, ref_c)
+
+
+def evaluate(objective: Objective, model: LanguageModel, batch: PairedBatch, ref_model: LanguageModel | None = None,
+             chunk_size: int = 8192) -> Result:
+    """Runs the passes ``objective`` needs and returns its ``Result`` (loss_sum, normalizer, metrics)."""
+    passes = compute_passes(model, batch, objective.requirements, chunk_size, ref_model)
+    return objective(passes, Targets.of(batch))
