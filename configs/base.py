@@ -34,10 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.k = 4
     c.data.max_prompt_len = 1024
     c.data.max_response_len = 512
-    c.data.truncate_response = False
+    c.data.truncate_response = True  # over max_response_len: keep the first tokens, without EOS (False = drop)
     c.data.budget_mode = "drop"  # drop | truncate (profile items)
     c.data.packing = False
     c.data.bucket_multiple = 64
+    c.data.separator = "\n"  # ends both prompts of canonical records with template none ("" = glued)
+    c.data.enable_thinking = False  # passed to chat templates (Qwen3: False = the empty think block)
 
     c.objective = objective_defaults()
 

@@ -32,6 +32,7 @@ def get_config():
     c.objective.name = "nextquill"
     nq = c.objective.nextquill
     nq.delta, nq.high, nq.low, nq.alpha = 0.05, 0.9, 0.1, 0.1
+    nq.per_sequence = True  # compute_loss normalizes each sequence (batch 1 per device) by its own Σω and length
     c.train.global_batch_size = 32
     c.train.grad_accum_steps = 16
     c.train.steps = math.ceil(5 * TRAIN_EXAMPLES / 32)

@@ -137,6 +137,8 @@ class DataSpec:
     budget_mode: str
     packing: bool
     bucket_multiple: int
+    separator: str
+    enable_thinking: bool
 
     def featurize(self, seed: int):
         """The featurizer's settings (validated there)."""
@@ -146,7 +148,8 @@ class DataSpec:
             return FeaturizeConfig(template=self.template, counterfactual_mode=self.counterfactual_mode,
                                    retriever=self.retriever, k=self.k, seed=seed, max_prompt_len=self.max_prompt_len,
                                    max_response_len=self.max_response_len, budget_mode=self.budget_mode,
-                                   truncate_response=self.truncate_response)
+                                   truncate_response=self.truncate_response, separator=self.separator,
+                                   enable_thinking=self.enable_thinking)
         except UserError as e:
             raise UserError(str(e).replace("featurize setting ", "data.")) from None
 

@@ -1,7 +1,7 @@
 """Which config keys does a run actually use? ``with track() as reads:`` records every read of a field of the typed
 config (:class:`~percausal_jax.config.RunConfig`, its sections, the objective dataclasses) as the dotted key of
 ``configs/base.py`` it came from (``data.k``, ``objective.perce.clip_min``). Reads made while the config is being
-read or copied (``RunConfig.from_config`` / ``validate``, ``dataclasses.replace``, ``repr``) do not count: a key is
+read, validated or copied (``RunConfig.from_config`` / ``validate``, ``dataclasses.replace``) do not count: a key is
 used when code below the spine reads its field."""
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def track():
         original, fn = reader(cls)
         patched.append((cls, "__getattribute__", original))
         cls.__getattribute__ = fn
-    for owner, name in ((dataclasses, "replace"), (config.RunConfig, "validate")):
-        original, fn = quiet(owner, name)
-        patched.append((owner, name, original))
+    for owner, name in ((dataclasses, "replace"), (config.RunConfig, "validate"), (config.RunConfig, "from_config")):
+        _, fn = quiet(owner, name)
+        patched.append((owner, name, vars(owner)[name]))  # the raw attribute (a classmethod stays one)
         setattr(owner, name, fn)
     try:
         yield reads

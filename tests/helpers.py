@@ -72,3 +72,24 @@ def hub_snapshot(cache: Path, repo_id: str, repo_type: str = "model", revision: 
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(revision)
     return snap
+
+
+def with_config(model, **changes):
+    """``model``'s parameters (shared, not copied) under ``dataclasses.replace(model.config, **changes)``: the same
+    weights built with a config that differs only in switches owning no parameters (soft-caps, windows, RoPE).
+    Keeps the layer layout, dtypes, remat policy and attention kernel of ``model``."""
+    import dataclasses
+
+    from flax import nnx
+
+    from percausal_jax.models.decoder import CausalLM
+
+    cfg = dataclasses.replace(model.config, **changes)
+    layers = model.model.layers
+    attn = (layers if model.scan_layers else layers[0]).self_attn
+    abstract = nnx.eval_shape(lambda: CausalLM(
+        cfg, dtype=model.compute_dtype, param_dtype=model.model.embed_tokens.embedding[...].dtype,
+        scan_layers=model.scan_layers, remat_policy=model.model.remat_policy, attention_impl=attn.attention_impl,
+        rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, nnx.state(model))

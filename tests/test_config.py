@@ -159,7 +159,19 @@ def test_known_override_is_typed_like_the_base_value():
                                                                                      ("q_proj", "v_proj"))
 
 
+def test_data_settings_reach_the_featurizer():
+    """data.separator / data.enable_thinking / data.truncate_response (base defaults and overrides) are what the
+    training featurizer gets."""
+    fcfg = RunConfig.from_config(load_config(str(CONFIGS / "base.py"))).data.featurize(0)
+    assert (fcfg.separator, fcfg.enable_thinking, fcfg.truncate_response) == ("\n", False, True)
+    cfg = load_config(str(CONFIGS / "tiny.py"), ["--config.data.enable_thinking=true", "--config.data.separator= A:",
+                                                  "--config.data.truncate_response=false"])
+    fcfg = RunConfig.from_config(cfg).data.featurize(3)
+    assert (fcfg.separator, fcfg.enable_thinking, fcfg.truncate_response, fcfg.seed) == (" A:", True, False, 3)
+
+
 @pytest.mark.parametrize("key,value", [("train.steps", '"100"'), ("data.shuffle", '"yes"'),
+                                       ("data.separator", "1"), ("data.enable_thinking", '"no"'),
                                        ("objective.perce.clip_min", '"low"')])
 def test_wrong_type_in_a_config_file_names_the_key(tmp_path, key, value):
     """A config file assigning a value of the wrong type (ml_collections rejects it inside get_config)."""

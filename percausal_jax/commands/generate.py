@@ -28,7 +28,11 @@ def run(args) -> int:
                                             tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tokenizer(args.prompt)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
+
+    # stop at EOS and at the end of turn that training appends (the chat template's own, e.g. <end_of_turn>)
+    end = Featurizer(tokenizer, FeaturizeConfig(template=args.template)).response_end(args.template)
+    eos = sorted({end[-1]} | ({tokenizer.eos_token_id} - {None}))
     (completion,) = generate(model, [list(ids)], args.max_new_tokens, eos_ids=tuple(eos),
                              pad_id=tokenizer.pad_token_id or 0)
     print(f"prompt: {args.prompt}")

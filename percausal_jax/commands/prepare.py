@@ -10,10 +10,15 @@ tokens, so it is tokenized without adding any). Extra keys of the source record 
 kept; the consumed ``input``/``output``/``profile``/``target`` are not. TRL rows have no id: theirs is
 ``{input file stem}-{line}``.
 
+With ``--template none`` both prompts of a canonical record end with ``--separator`` (default a line break; see
+:mod:`percausal_jax.data.featurize`), so the written prompt text is what training and ``eval`` see.
+
 ``--input`` (and ``--meta``, ``--tokenizer``, ``--contriever``) take a local path, a ``gs://`` URL or a Hugging
-Face hub id. Rows with an empty required field are skipped, examples over the token budget dropped; one table at
+Face hub id. Rows with an empty required field are skipped, examples over the prompt budget dropped; one table at
 the end says how many were kept, skipped and why, with the first ids per reason (``--strict``: a skipped row is an
-error naming file, row and field).
+error naming file, row and field). Completions over ``--max-response-len`` tokens are counted as truncated and
+written in full (training cuts them to its own ``data.max_response_len``, without EOS), or dropped with
+``--no-truncate-response``.
 """
 
 from __future__ import annotations
@@ -70,7 +75,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-len", type=int, help="token budget of each prompt (drops items to fit)")
     p.add_argument("--budget", choices=("drop", "truncate"), default="drop",
                    help="fit the budget by dropping items (default) or truncating their text")
-    p.add_argument("--max-response-len", type=int, help="drop examples whose completion (+EOS) has more tokens")
+    p.add_argument("--max-response-len", type=int,
+                   help="count examples whose completion (+EOS / end-of-turn) has more tokens as truncated (written "
+                        "in full; training truncates to data.max_response_len), or drop them with "
+                        "--no-truncate-response")
+    p.add_argument("--truncate-response", action=argparse.BooleanOptionalAction, default=True,
+                   help="over --max-response-len: keep and count (default, as data.truncate_response in training) "
+                        "or drop")
+    p.add_argument("--separator", default="\n",
+                   help="text ending both prompts of canonical records with --template none (default a line break; "
+                        "a real character: in bash $'\\n\\n' for a blank line, '' to glue)")
     p.add_argument("--counterfactual", choices=MODES, default="drop",
                    help="profile-free prompt: remove the profile block or put a None placeholder (default drop)")
     p.add_argument("--strict", action="store_true",
@@ -95,11 +109,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = FeaturizeConfig(template=args.template, counterfactual_mode=args.counterfactual, retriever=args.retriever,
                           k=args.k, seed=args.seed, max_prompt_len=args.max_prompt_len,
                           max_response_len=args.max_response_len, budget_mode=args.budget,
-                          enable_thinking=args.enable_thinking)
+                          truncate_response=args.truncate_response, enable_thinking=args.enable_thinking,
+                          separator=args.separator)
     contriever = Contriever(args.contriever) if args.contriever is not None else None
     featurizer = Featurizer(tokenizer, cfg, contriever=contriever)
 
-    out, lengths = [], {"prompt": [], "prompt_no_profile": [], "completion+eos": []}
+    out, lengths = [], {"prompt": [], "prompt_no_profile": [], "completion+end": []}
+    truncated: list[str] = []
     for fallback_id, record in numbered:
         if tokenizer is None:
             texts = featurizer.texts(record)
@@ -110,8 +126,13 @@ def run(args: argparse.Namespace) -> int:
                 report.skip(result.reason, record.get("id", fallback_id))
                 continue
             ex = result.example
-            for key, ids in zip(lengths, (ex.prompt_ids, ex.prompt_no_profile_ids, ex.response_ids)):
-                lengths[key].append(len(ids))
+            n_response = len(ex.response_ids)
+            if result.truncated:  # the table shows the full length (what --max-response-len is chosen from)
+                truncated.append(str(record.get("id", fallback_id)))
+                n_response = (len(tokenizer(texts.completion, add_special_tokens=False)["input_ids"])
+                              + len(featurizer.response_end(texts.template)))
+            for key, n in zip(lengths, (len(ex.prompt_ids), len(ex.prompt_no_profile_ids), n_response)):
+                lengths[key].append(n)
         out.append(prompt_record(record, texts, fallback_id))
     if not out:
         raise UserError(f"{args.input}: no example is left (dropped: {dict(sorted(report.counts.items()))}); raise "
@@ -119,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     write_jsonl(args.out, out)
     print(f"wrote {len(out)} prompt records to {args.out}")
     print(report.table())
+    if truncated:
+        print(f"truncated responses: {len(truncated)} over --max-response-len {args.max_response_len} tokens, "
+              f"written in full (training cuts them to data.max_response_len, without EOS): "
+              f"{', '.join(truncated[:5])}{', ...' if len(truncated) > 5 else ''}")
     if tokenizer is not None:
         print("tokens (p50 / p90 / p99 / max):")
         for key, values in lengths.items():

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--template", choices=("none", "chat"), default="none",
                    help="for records without a 'template' field (as in training): none = prompt text as is "
                         "(tokenizer's BOS if it adds one); chat = wrap in the chat template")
+    p.add_argument("--enable-thinking", action="store_true",
+                   help="passed to the chat template (Qwen3), as data.enable_thinking in training: for records "
+                        "rendered here (no 'template' field, --template chat) and the template's end-of-turn")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--clip-min", type=float, default=0.8)
     p.add_argument("--clip-max", type=float, default=5.0)
@@ -51,7 +54,7 @@ def run(args) -> int:
     loaded = pretrained(args.model, dtype=args.dtype)
     tokenizer = loaded.tokenizer
     # the featurizer training uses: a record's own `template` wins; records without one get --template
-    featurizer = Featurizer(tokenizer, FeaturizeConfig(template=args.template))
+    featurizer = Featurizer(tokenizer, FeaturizeConfig(template=args.template, enable_thinking=args.enable_thinking))
     examples = [featurizer(row).example for row in rows]
     progress = lambda it: tqdm(it, desc="scoring", unit="batch", file=sys.stderr)  # noqa: E731
     keys = ID_KEYS + output_keys(objectives)

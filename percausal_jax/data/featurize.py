@@ -5,25 +5,43 @@ Per record kind (:mod:`percausal_jax.data.records`):
 * **canonical**: retrieve ``k`` profile items (:func:`retrieval.top_k`), build both prompts
   (:func:`prompts.build_pair`), render them (:func:`chat.render`), and when ``max_prompt_len`` is set fit the
   personal prompt into that many tokens (:func:`retrieval.fit_to_budget`, items dropped or their text truncated
-  per ``budget_mode``).
+  per ``budget_mode``). With template ``"none"`` both rendered prompts end with ``separator`` (default ``"\\n"``;
+  appended unless the prompt already ends with it, as NextQuill's Amazon message does): LaMP/LongLaMP builders end
+  with the task input, and without it the response would be glued to it (``...is "Nice".The lamp works well.``).
+  The separator is **prompt text**, part of both prompts and counted in their budget, never part of the
+  response: the response ids stay the completion's own ids (+ end token), identical after both prompts, and the
+  prompt ``eval`` generates from ends where training's prompt ends. ``""`` glues as before.
 * **prompt** ``{id, prompt, prompt_no_profile, completion}``: no retrieval. If the record has a ``template`` field
   (``"chat"`` | ``"none"``, written by ``percausal prepare``) its prompts are final text rendered with that template
   and are used as they are, whatever ``FeaturizeConfig.template`` says; otherwise both prompts are user messages
-  rendered with ``FeaturizeConfig.template``.
+  rendered with ``FeaturizeConfig.template``. Either way their text is kept as it is: no separator is added
+  (``prepare`` already wrote it into records built from canonical ones).
 * **trl** ``{prompt, completion}``: there is no profile-free prompt, so **the counterfactual prompt is the prompt
   itself**: both passes see the same tokens, every causal (personal − counterfactual) difference is exactly zero and
   only plain fine-tuning terms learn from such data. Conversational prompts (lists of ``{role, content}``) need
-  ``template="chat"``; the conversational completion must be one assistant message.
+  ``template="chat"``; the conversational completion must be one assistant message. No separator is added either
+  (TRL's prompt-completion convention: the prompt carries its own).
 
-Tokenization follows :func:`pairing.pair_example`: the completion is tokenized once without special tokens and EOS
-is appended; prompts get the tokenizer's BOS (``add_special_tokens=True``) only with template ``"none"``, since a
+With ``"chat"``, a system message is merged into the first user turn for templates without a system role
+(:func:`chat.render_messages`), and ``enable_thinking`` is passed to the template (Qwen3).
+
+Tokenization follows :func:`pairing.pair_example`: the completion is tokenized once without special tokens and an
+end token is appended: with template ``"chat"`` the template's own end-of-turn (:func:`chat.end_of_turn`: the text
+the template writes after an assistant message, e.g. ``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``; tokenized
+once per featurizer; EOS if the template writes nothing there), with ``"none"`` the tokenizer's EOS. So for a chat
+example ``prompt_ids + response_ids`` are the ids of ``apply_chat_template([user, assistant], tokenize=True)`` up to
+the whitespace the template writes after the end-of-turn token (``"\\n"`` for ChatML and Gemma), which is never
+generated, provided the template renders the completion unchanged (Llama-3 and Gemma ``trim`` it: a completion with
+surrounding whitespace differs there) and no BPE merge crosses the prompt/response boundary (the contract's
+choice). Prompts get the tokenizer's BOS (``add_special_tokens=True``) only with template ``"none"``, since a
 chat-rendered prompt already holds its special tokens.
 
 Examples that cannot be used are *dropped and counted*, not errors: ``prompt_too_long`` (a prompt exceeds
 ``max_prompt_len`` even with zero profile items; the counterfactual prompt is checked too) and
-``response_too_long`` (more than ``max_response_len`` ids including EOS, unless ``truncate_response``: then the first
-``max_response_len`` ids are kept *without* EOS, so the model is never taught to stop mid-text). Malformed input
-still raises :class:`~percausal_jax.errors.UserError`.
+``response_too_long`` (more than ``max_response_len`` ids including the end token, unless ``truncate_response``:
+then the first ``max_response_len`` ids are kept *without* the end token, so the model is never taught to stop
+mid-text, and the example is counted in :attr:`FeaturizeStats.truncated_response`). Malformed input still raises
+:class:`~percausal_jax.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
-from percausal_jax.data.chat import TEMPLATES, Template, render
+from percausal_jax.data.chat import TEMPLATES, Template, end_of_turn, render, render_messages
 from percausal_jax.data.pairing import PairedExample
 from percausal_jax.data.prompts import MODES, Mode, Prompt, build_pair, get_task
 from percausal_jax.data.records import detect_kind
@@ -48,8 +66,10 @@ LENGTH_KEYS = ("prompt", "prompt_no_profile", "response")
 class FeaturizeConfig:
     """Every knob that turns records into token ids (validated once, here).
 
-    ``max_prompt_len`` / ``max_response_len`` are token counts (prompt incl. special tokens; response incl. EOS);
-    None = unlimited. ``seed`` only seeds the ``random`` retriever.
+    ``max_prompt_len`` / ``max_response_len`` are token counts (prompt incl. special tokens and separator; response
+    incl. its end token); None = unlimited. ``seed`` only seeds the ``random`` retriever. ``separator`` ends both
+    prompts of canonical records rendered with template ``"none"`` (see the module doc). ``truncate_response`` is
+    off here (over-long responses are dropped) but on in ``configs/base.py`` and ``percausal prepare``.
     """
 
     template: Template = "none"
@@ -62,6 +82,7 @@ class FeaturizeConfig:
     budget_mode: BudgetMode = "drop"
     truncate_response: bool = False
     enable_thinking: bool = False
+    separator: str = "\n"
 
     def __post_init__(self):
         for name, value, allowed in (("template", self.template, TEMPLATES),
@@ -70,6 +91,8 @@ class FeaturizeConfig:
                                      ("budget_mode", self.budget_mode, ("drop", "truncate"))):
             if value not in allowed:
                 raise UserError(f"featurize setting {name}={value!r}: expected one of {list(allowed)}")
+        if not isinstance(self.separator, str):
+            raise UserError(f"featurize setting separator={self.separator!r}: expected a string")
         if self.k < 0:
             raise UserError(f"featurize setting k={self.k}: expected an integer >= 0")
         for name in ("max_prompt_len", "max_response_len"):
@@ -93,6 +116,7 @@ class Texts:
 class Kept:
     example: PairedExample
     items_used: int
+    truncated: bool = False  # the response was cut to max_response_len (truncate_response), its end token dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +127,10 @@ class Dropped:
 class Featurizer:
     """``featurizer(record) -> Kept | Dropped``; ``texts(record)`` gives the texts only, ``run(record)`` both.
 
-    Stateless after construction, so one instance may serve several threads. ``tokenizer`` may be None for
-    ``texts`` with template ``"none"`` and no ``max_prompt_len``. ``contriever`` is required for that retriever on canonical records (prompt records are already
-    retrieved; :func:`retrieval.rank` names the missing encoder).
+    Stateless after construction but for a cache of the end-token ids (filled idempotently), so one instance may
+    serve several threads. ``tokenizer`` may be None for ``texts`` with template ``"none"`` and no
+    ``max_prompt_len``. ``contriever`` is required for that retriever on canonical records (prompt records are
+    already retrieved; :func:`retrieval.rank` names the missing encoder).
     """
 
     def __init__(self, tokenizer: Any, cfg: FeaturizeConfig, *, contriever: Contriever | None = None):
@@ -114,6 +139,7 @@ class Featurizer:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.contriever = contriever
+        self._end: dict[str, tuple[int, ...]] = {}  # template -> ids appended to every response (computed once)
 
     def texts(self, record: dict) -> Texts:
         """Retrieval, prompt building, rendering and prompt budget; raises PromptTooLong if nothing fits."""
@@ -124,9 +150,8 @@ class Featurizer:
 
     def run(self, record: dict) -> tuple[Texts | None, Kept | Dropped]:
         """The texts (None if no prompt fits the budget) and the tokenized result."""
-        tok = self.tokenizer
-        if tok is None or tok.eos_token_id is None:
-            raise UserError("featurizing needs a tokenizer with an eos_token_id")
+        if self.tokenizer is None:
+            raise UserError("featurizing needs a tokenizer")
         encode = self._encoder()
         try:
             texts = self._texts(record, encode)
@@ -135,16 +160,16 @@ class Featurizer:
         return texts, self._tokenize(record, texts, encode)
 
     def _tokenize(self, record: dict, texts: Texts, encode: Callable[[str, bool], list[int]]) -> Kept | Dropped:
-        tok = self.tokenizer
         add_special = texts.template == "none"
         prompt = encode(texts.prompt, add_special)
         prompt_no_profile = encode(texts.prompt_no_profile, add_special)
         limit = self.cfg.max_prompt_len
         if limit is not None and max(len(prompt), len(prompt_no_profile)) > limit:
             return Dropped("prompt_too_long")
-        response = encode(texts.completion, False) + [tok.eos_token_id]
+        response = encode(texts.completion, False) + list(self.response_end(texts.template))
         limit = self.cfg.max_response_len
-        if limit is not None and len(response) > limit:
+        truncated = limit is not None and len(response) > limit
+        if truncated:
             if not self.cfg.truncate_response:
                 return Dropped("response_too_long")
             response = response[:limit]
@@ -152,7 +177,25 @@ class Featurizer:
             raise UserError(f"record {_name(record)}: a prompt tokenizes to zero tokens, but the first response "
                             "token must be predicted from at least one; use template 'chat' or a tokenizer that "
                             "adds a BOS token")
-        return Kept(PairedExample(tuple(prompt), tuple(prompt_no_profile), tuple(response)), texts.items_used)
+        return Kept(PairedExample(tuple(prompt), tuple(prompt_no_profile), tuple(response)), texts.items_used,
+                    truncated)
+
+    def response_end(self, template: Template) -> tuple[int, ...]:
+        """The ids appended to every response of prompts rendered with ``template``: the chat template's
+        end-of-turn (:func:`chat.end_of_turn`) for ``"chat"``, EOS for ``"none"`` (and for a chat template that
+        writes nothing after an assistant message). Tokenized once per featurizer and template."""
+        if template not in self._end:
+            tok = self.tokenizer
+            text = end_of_turn(tok, self.cfg.enable_thinking) if template == "chat" else ""
+            ids = tuple(tok(text, add_special_tokens=False)["input_ids"]) if text else ()
+            if not ids:
+                if tok.eos_token_id is None:
+                    raise UserError("featurizing needs a tokenizer with an eos_token_id"
+                                    + (" (its chat template writes nothing after an assistant message)"
+                                       if template == "chat" else ""))
+                ids = (tok.eos_token_id,)
+            self._end[template] = ids
+        return self._end[template]
 
     # ------------------------------------------------------------------------------------------------- internals
 
@@ -189,10 +232,10 @@ class Featurizer:
         if "output" not in record:
             raise UserError(f"record {_name(record)}: field 'output': missing; featurizing needs the target text")
         items = top_k(record, cfg.k, cfg.retriever, seed=cfg.seed, contriever=self.contriever)
-        counterfactual = self._render(build_pair(record, [], cfg.counterfactual_mode).counterfactual)
+        counterfactual = self._prompt_text(build_pair(record, [], cfg.counterfactual_mode).counterfactual)
 
         def personal(kept: list[dict]) -> str:
-            return self._render(build_pair(record, kept, cfg.counterfactual_mode).personal)
+            return self._prompt_text(build_pair(record, kept, cfg.counterfactual_mode).personal)
 
         if cfg.max_prompt_len is None:
             prompt, kept = personal(items), items
@@ -201,6 +244,14 @@ class Featurizer:
             prompt, kept = fit_to_budget(personal, items, lambda text: len(encode(text, add_special)),
                                          cfg.max_prompt_len, cfg.budget_mode, get_task(record).text_field)
         return Texts(prompt, counterfactual, record["output"], cfg.template, len(kept))
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        """A canonical record's rendered prompt; with template "none" it ends with the separator (module doc)."""
+        text = self._render(prompt)
+        sep = self.cfg.separator
+        if self.cfg.template == "none" and sep and not text.endswith(sep):
+            text += sep
+        return text
 
     def _render(self, prompt: Prompt | str) -> str:
         if isinstance(prompt, str):
@@ -214,8 +265,7 @@ class Featurizer:
         if self.cfg.template != "chat":
             raise UserError(f"record {_name(record)}: field 'prompt': a conversational prompt (list of messages) "
                             "needs template 'chat'")
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=self.cfg.enable_thinking)
+        return render_messages(self.tokenizer, prompt, self.cfg.enable_thinking)
 
     @staticmethod
     def _trl_completion(record: dict) -> str:
@@ -242,7 +292,8 @@ def _name(record: dict) -> str:
 class FeaturizeStats:
     """Running counts over featurized examples; JSON round-trips through :meth:`to_json` / :meth:`from_json`.
 
-    Lengths are token counts of the prompt, the profile-free prompt and the response (with EOS).
+    Lengths are token counts of the prompt, the profile-free prompt and the response (with its end token).
+    ``truncated_response`` counts kept examples whose response was cut to ``max_response_len`` (``truncate_response``).
     """
 
     kept: int = 0
@@ -250,6 +301,7 @@ class FeaturizeStats:
     items_used: dict[int, int] = dataclasses.field(default_factory=dict)  # items in the prompt -> examples
     length_sum: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(LENGTH_KEYS, 0))
     length_max: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(LENGTH_KEYS, 0))
+    truncated_response: int = 0
 
     def add(self, result: Kept | Dropped) -> None:
         if isinstance(result, Dropped):
@@ -257,15 +309,18 @@ class FeaturizeStats:
             return
         ex = result.example
         self.kept += 1
+        self.truncated_response += int(result.truncated)
         self.items_used[result.items_used] = self.items_used.get(result.items_used, 0) + 1
         for key, ids in zip(LENGTH_KEYS, (ex.prompt_ids, ex.prompt_no_profile_ids, ex.response_ids)):
             self.length_sum[key] += len(ids)
             self.length_max[key] = max(self.length_max[key], len(ids))
 
     def summary(self) -> dict:
-        """Plain numbers for logging: kept, dropped by reason, mean/max lengths, items-used histogram and mean."""
+        """Plain numbers for logging: kept, dropped by reason, truncated responses, mean/max lengths, items-used
+        histogram and mean."""
         n = max(self.kept, 1)
         return {"kept": self.kept, "dropped": dict(self.dropped), "dropped_total": sum(self.dropped.values()),
+                "truncated_response": self.truncated_response,
                 "mean_len": {k: v / n for k, v in self.length_sum.items()}, "max_len": dict(self.length_max),
                 "items_used": dict(sorted(self.items_used.items())),
                 "mean_items_used": sum(k * v for k, v in self.items_used.items()) / n}
@@ -276,4 +331,5 @@ class FeaturizeStats:
     @classmethod
     def from_json(cls, state: dict) -> FeaturizeStats:
         return cls(state["kept"], dict(state["dropped"]), {int(k): v for k, v in state["items_used"].items()},
-                   dict(state["length_sum"]), dict(state["length_max"]))
+                   dict(state["length_sum"]), dict(state["length_max"]),
+                   state.get("truncated_response", 0))  # absent in iterator states saved before it existed

@@ -20,7 +20,7 @@ This module is the one place the contract lives:
       personal:        tokens, positions, segment_ids     int32[B, Lp]
       counterfactual:  tokens, positions, segment_ids     int32[B, Lc]
       response:        ids int32[B, R], weight f32[B, R], seq_weight f32[B, R],
-                       index_personal int32[B, R], index_counterfactual int32[B, R]
+                       index_personal int32[B, R], index_counterfactual int32[B, R], segment_ids int32[B, R]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class Response:
     seq_weight: np.ndarray  # float32[B, R]
     index_personal: np.ndarray  # int32[B, R]
     index_counterfactual: np.ndarray  # int32[B, R]
+    segment_ids: np.ndarray  # int32[B, R]: the packed segment (1, 2, ...) of each response slot, 0 = padding
 
 
 @struct.dataclass
@@ -109,7 +110,7 @@ class PairedBatch:
         R = response_len
         return cls(seq(personal_len), seq(counterfactual_len),
                    Response(leaf(R, np.int32), leaf(R, np.float32), leaf(R, np.float32), leaf(R, np.int32),
-                            leaf(R, np.int32)))
+                            leaf(R, np.int32), leaf(R, np.int32)))
 
 
 def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterfactual_len: int,
@@ -127,6 +128,7 @@ def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterf
     seq_weight = np.zeros((B, response_len), np.float32)
     idx_p = np.zeros((B, response_len), np.int32)
     idx_c = np.zeros((B, response_len), np.int32)
+    seg_r = np.zeros((B, response_len), np.int32)
     for b, examples in enumerate(rows):
         off_p = off_c = off_r = 0
         for seg, ex in enumerate(examples, start=1):
@@ -142,10 +144,11 @@ def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterf
             seq_weight[b, sl] = 1.0 / n
             idx_p[b, sl] = off_p + len(ex.prompt_ids) - 1 + np.arange(n)
             idx_c[b, sl] = off_c + len(ex.prompt_no_profile_ids) - 1 + np.arange(n)
+            seg_r[b, sl] = seg
             off_p += ex.personal_len
             off_c += ex.counterfactual_len
             off_r += n
-    return PairedBatch(P, C, Response(ids, weight, seq_weight, idx_p, idx_c))
+    return PairedBatch(P, C, Response(ids, weight, seq_weight, idx_p, idx_c, seg_r))
 
 
 def _empty(B: int, L: int) -> Sequences:

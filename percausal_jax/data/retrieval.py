@@ -2,11 +2,13 @@
 
 Retrievers (data.md §1.1, §2), each giving profile indices best first:
 
-* ``bm25``: the reference uses ``rank_bm25.BM25Okapi`` on ``str.split()`` tokens (no lowercasing, k1=1.5, b=0.75).
-  We use ``bm25s`` (method ``robertson``) on the same tokens in float64. Differences: (1) a term found in more than
-  half of the profile gets idf 0, where BM25Okapi gives it 0.25 × the mean idf, so rankings can differ when such
-  terms decide them (mostly tiny profiles); (2) scores lack BM25Okapi's constant (k1+1) factor, which changes no
-  ranking. Ties keep profile order (BM25Okapi's argsort leaves them unspecified).
+* ``bm25``: ``rank_bm25.BM25Okapi`` (PyPI ``rank-bm25`` 0.2.2; k1=1.5, b=0.75, epsilon=0.25), as the reference
+  does: idf = ln(N − n + 0.5) − ln(n + 0.5), a negative idf (a term in more than half of the profile) raised to
+  0.25 × the mean idf; query and documents split on whitespace with ``str.split()``, case kept. Order: the
+  reference's ``get_top_n`` = ``np.argsort(scores)[::-1]``, i.e. ascending sort reversed, so ties put the later
+  profile item first. We sort stably (``kind="stable"``): NumPy's default sort is not stable and breaks ties by
+  CPU and NumPy build (SIMD sorts), so the reference's tie order is machine-dependent; ours is fixed, and is the
+  reference's wherever its sort keeps ties in order.
 * ``recency``: newest first by ``date``, else ``timestamp``, else ``year`` (the first one that every item has);
   without such a field, profile order reversed (LongLaMP's ``rec``). Ties put the later profile item first.
 * ``random``: a permutation seeded by (seed, record id), so it does not depend on record order or process. Sampled
@@ -20,7 +22,6 @@ k larger than the profile is clamped. Document and query texts come from the rec
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -63,18 +64,20 @@ def rank(record: dict, method: Method, *, seed: int = 0, contriever: Contriever 
 
 
 def bm25_order(query: str, documents: Sequence[str]) -> list[int]:
-    """BM25 ranking on whitespace tokens, case kept; ties in document order (see module doc for the variant)."""
-    import bm25s  # imported lazily: it pulls in scipy
+    """``rank_bm25.BM25Okapi`` ranking on ``str.split()`` tokens, best first; ties: the later document first.
 
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets itself to DEBUG on import
+    Same scores as the reference's ``BM25Okapi(corpus).get_top_n(query.split(), corpus, n)``, and its order
+    ``argsort(scores)[::-1]`` with a stable sort (see module doc). An empty query, or documents without a single
+    token (where BM25Okapi would divide by zero), score 0 everywhere: documents in reverse order.
+    """
+    from rank_bm25 import BM25Okapi
 
     query_tokens = query.split()
     corpus = [document.split() for document in documents]
     if not query_tokens or not any(corpus):
-        return list(range(len(corpus)))
-    index = bm25s.BM25(method="robertson", k1=1.5, b=0.75, dtype="float64")
-    index.index(corpus, show_progress=False)
-    return _descending(index.get_scores(query_tokens))
+        return list(range(len(corpus)))[::-1]
+    scores = BM25Okapi(corpus, k1=1.5, b=0.75, epsilon=0.25).get_scores(query_tokens)
+    return np.argsort(scores, kind="stable")[::-1].tolist()
 
 
 def recency_order(profile: Sequence[dict]) -> list[int]:

@@ -36,14 +36,15 @@ def generate_for_records(model, tokenizer, records: Sequence[dict], fcfg: Featur
 
     featurizer = Featurizer(tokenizer, dataclasses.replace(fcfg, max_response_len=None, truncate_response=False))
     prompts, rows = [], []
+    stops = {tokenizer.eos_token_id} - {None}  # and the last id of each response end training appended
     for rec in records:
         texts, result = featurizer.run(rec)
         if texts is None:
             raise UserError(f"record {rec.get('id')}: the prompt does not fit max_prompt_len even without profile")
         prompts.append(list(result.example.prompt_ids))
+        stops.add(featurizer.response_end(texts.template)[-1])
         rows.append({"id": rec["id"], "task": rec.get("task"), "prompt": texts.prompt, "reference": texts.completion})
-    eos = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids("<|im_end|>")]
-                                      if "<|im_end|>" in tokenizer.get_vocab() else [])
+    eos = sorted(stops)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     starts = range(0, len(prompts), dcfg.batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", file=sys.stderr, disable=not progress):

@@ -17,6 +17,12 @@ from percausal_jax.errors import UserError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
+# transformers' bias semantics per family: Qwen2 biases q/k/v only (``attention_bias``, default true), Mistral has
+# no biases at all, every other family's ``attention_bias`` biases q/k/v *and* o_proj; only Llama reads ``mlp_bias``
+# (gate/up/down). See ModelConfig.attention_out_bias.
+_QKV_ONLY_BIAS = ("qwen2",)
+_NO_ATTENTION_BIAS = ("mistral",)
+_MLP_BIAS_TYPES = ("llama",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +49,9 @@ class RopeConfig:
         if rope_type == "llama3":
             kw["low_freq_factor"] = float(params["low_freq_factor"])
             kw["high_freq_factor"] = float(params["high_freq_factor"])
-            kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+            # transformers: absent -> the model's max_position_embeddings (passed in by _rope_from_hf)
+            kw["original_max_position_embeddings"] = int(params.get("original_max_position_embeddings")
+                                                         or params["max_position_embeddings"])
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
@@ -63,11 +71,13 @@ class RopeConfig:
 class ModelConfig:
     """Architecture of a decoder-only LM. Per-family switches:
 
-    - ``attention_bias`` (Qwen2 q/k/v bias), ``qk_norm`` (Qwen3, Gemma3), ``norm_plus_one`` (Gemma: weight·(1+w)),
-      ``embed_scale`` (Gemma: √hidden), ``sandwich_norm`` (Gemma2/3: post-attention and pre/post-FFN norms),
-      ``attn_logit_softcap`` / ``final_logit_softcap`` (Gemma2), ``query_pre_attn_scalar`` (Gemma2/3 scaling),
-      ``layer_types`` + ``sliding_window`` (Mistral, Qwen2 windows, Gemma2/3 alternation), ``rope_local`` (Gemma3's
-      local RoPE base for sliding layers).
+    - ``attention_bias`` (q/k/v bias: Qwen2, or any family's ``attention_bias``), ``attention_out_bias`` (o_proj
+      bias: HF ``attention_bias`` of Llama/Qwen3/Gemma*, never Qwen2; ``None`` = that family's rule),
+      ``mlp_bias`` (gate/up/down bias: Llama's ``mlp_bias``), ``qk_norm`` (Qwen3, Gemma3), ``norm_plus_one``
+      (Gemma: weight·(1+w)), ``embed_scale`` (Gemma: √hidden), ``sandwich_norm`` (Gemma2/3: post-attention and
+      pre/post-FFN norms), ``attn_logit_softcap`` / ``final_logit_softcap`` (Gemma2), ``query_pre_attn_scalar``
+      (Gemma2/3 scaling), ``layer_types`` + ``sliding_window`` (Mistral, Qwen2 windows, Gemma2/3 alternation),
+      ``rope_local`` (Gemma3's local RoPE base for sliding layers).
     """
 
     model_type: str
@@ -85,6 +95,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_out_bias: bool | None = None  # None: as transformers builds this family (see __post_init__)
+    mlp_bias: bool = False
     qk_norm: bool = False
     norm_plus_one: bool = False
     embed_scale: bool = False
@@ -103,6 +115,7 @@ class ModelConfig:
     generation_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        self._check_biases()
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
@@ -115,6 +128,24 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
 
+    def _check_biases(self) -> None:
+        """Resolves ``attention_out_bias`` and refuses bias combinations transformers cannot build for this
+        ``model_type`` (they could not be exported as a checkpoint that loads back with the same behaviour)."""
+        mt = self.model_type
+        out_rule = False if mt in _QKV_ONLY_BIAS + _NO_ATTENTION_BIAS else self.attention_bias
+        if self.attention_out_bias is None:
+            object.__setattr__(self, "attention_out_bias", out_rule)
+        if mt in _NO_ATTENTION_BIAS and self.attention_bias:
+            raise UserError(f"config: model_type '{mt}' has no attention biases in transformers")
+        if bool(self.attention_out_bias) != out_rule:
+            rule = ("never has an o_proj bias" if mt in _QKV_ONLY_BIAS + _NO_ATTENTION_BIAS
+                    else "has an o_proj bias exactly when attention_bias is set")
+            raise UserError(f"config: model_type '{mt}' {rule} (attention_bias={self.attention_bias}, "
+                            f"attention_out_bias={self.attention_out_bias})")
+        if self.mlp_bias and mt not in _MLP_BIAS_TYPES:
+            raise UserError(f"config: mlp_bias is only supported for model_type {', '.join(_MLP_BIAS_TYPES)} "
+                            f"(transformers builds '{mt}' without MLP biases)")
+
     @property
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
@@ -126,8 +157,10 @@ class ModelConfig:
     def num_params(self) -> int:
         d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
                            self.num_key_value_heads, self.head_dim)
-        attn = d * hd * (2 * h + 2 * kv) + (hd * (h + 2 * kv) if self.attention_bias else 0)
-        per_layer = attn + 3 * d * f + d * (4 if self.sandwich_norm else 2) + (2 * hd if self.qk_norm else 0)
+        attn = (d * hd * (2 * h + 2 * kv) + (hd * (h + 2 * kv) if self.attention_bias else 0)
+                + (d if self.attention_out_bias else 0))
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        per_layer = attn + mlp + d * (4 if self.sandwich_norm else 2) + (2 * hd if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_hidden_layers * per_layer + self.vocab_size * d + head + d
 
@@ -159,21 +192,32 @@ class ModelConfig:
         is_gemma = model_type in GEMMA_FAMILY
         kw.update(
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "silu",
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if is_gemma
+                                                                                 else "silu"),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
             qk_norm=model_type in ("qwen3", "gemma3_text"),
             norm_plus_one=is_gemma,
             embed_scale=is_gemma,
             sandwich_norm=model_type in ("gemma2", "gemma3_text"),
-            attn_logit_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-            final_logit_softcap=hf.get("final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if model_type in ("gemma2", "gemma3_text") else None,
+            # transformers' defaults for an absent key (an explicit null stays None: no cap)
+            attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
+            final_logit_softcap=(hf.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)
+                                 if model_type in ("gemma2", "gemma3_text") else None),
+            query_pre_attn_scalar=(hf.get("query_pre_attn_scalar", 256) if model_type in ("gemma2", "gemma3_text")
+                                   else None),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
+        # Biases as transformers builds each family; keys a family ignores stay in ``extra`` (written back as read).
+        if model_type in _QKV_ONLY_BIAS:
+            kw["attention_bias"] = bool(hf.get("attention_bias", True))
+            kw["attention_out_bias"] = False
+        elif model_type not in _NO_ATTENTION_BIAS:
+            kw["attention_bias"] = kw["attention_out_bias"] = bool(hf.get("attention_bias", False))
+        if model_type in _MLP_BIAS_TYPES:
+            kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
         if kw["hidden_act"] not in ("silu", "gelu_pytorch_tanh", "gelu"):
             raise UserError(f"{where}: hidden activation '{kw['hidden_act']}' is not supported")
         kw["rope"], kw["rope_local"] = _rope_from_hf(hf, model_type, where)
@@ -208,8 +252,10 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
         )
         d["hidden_activation" if self.model_type in ("gemma2", "gemma3_text") else "hidden_act"] = self.hidden_act
-        if self.model_type not in ("mistral",):
-            d["attention_bias"] = self.attention_bias
+        if self.model_type not in _NO_ATTENTION_BIAS:
+            d["attention_bias"] = self.attention_bias  # Llama-style families: also the o_proj bias
+        if self.model_type in _MLP_BIAS_TYPES:
+            d["mlp_bias"] = self.mlp_bias
         if self.model_type == "gemma3_text":
             d["rope_parameters"] = {"full_attention": self.rope.to_hf(),
                                     "sliding_attention": (self.rope_local or self.rope).to_hf()}
@@ -261,24 +307,28 @@ _ARCHITECTURES = {
 
 def _rope_from_hf(hf: dict, model_type: str, where: str) -> tuple[RopeConfig, RopeConfig | None]:
     params = hf.get("rope_parameters")
+    max_pos = {"max_position_embeddings": hf.get("max_position_embeddings", 4096)}  # llama3's fallback
     if model_type == "gemma3_text":
         if params and "full_attention" in params:
             return (RopeConfig.from_hf(params["full_attention"], where),
                     RopeConfig.from_hf(params.get("sliding_attention", {"rope_theta": 10000.0}), where))
         scaling = dict(hf.get("rope_scaling") or {})
-        global_rope = RopeConfig.from_hf({**scaling, "rope_theta": hf.get("rope_theta", 1_000_000.0)}, where)
+        global_rope = RopeConfig.from_hf({**max_pos, **scaling, "rope_theta": hf.get("rope_theta", 1_000_000.0)},
+                                         where)
         return global_rope, RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
     if params:
-        return RopeConfig.from_hf(params, where), None
+        return RopeConfig.from_hf({**max_pos, **params}, where), None
     scaling = dict(hf.get("rope_scaling") or {})
-    return RopeConfig.from_hf({**scaling, "rope_theta": hf.get("rope_theta", 10000.0)}, where), None
+    return RopeConfig.from_hf({**max_pos, **scaling, "rope_theta": hf.get("rope_theta", 10000.0)}, where), None
 
 
 def _windows_from_hf(hf: dict, model_type: str, n_layers: int) -> tuple[int | None, tuple[str, ...]]:
     """Sliding window size and per-layer attention type, with each family's legacy defaults."""
-    window = hf.get("sliding_window")
     full, sliding = "full_attention", "sliding_attention"
-    if model_type in ("llama", "gemma") or window is None:
+    if model_type in ("llama", "gemma"):
+        return None, (full,) * n_layers
+    window = hf.get("sliding_window", 4096)  # transformers' default for an absent key; an explicit null = none
+    if window is None:
         return None, (full,) * n_layers
     if hf.get("layer_types"):
         return int(window), tuple(hf["layer_types"])

@@ -92,7 +92,7 @@ class Attention(nnx.Module):
         self.q_proj = linear(D, H * Dh, use_bias=cfg.attention_bias)
         self.k_proj = linear(D, K * Dh, use_bias=cfg.attention_bias)
         self.v_proj = linear(D, K * Dh, use_bias=cfg.attention_bias)
-        self.o_proj = linear(H * Dh, D, use_bias=False)
+        self.o_proj = linear(H * Dh, D, use_bias=cfg.attention_out_bias)  # Llama-family attention_bias, not Qwen2
         if cfg.qk_norm:
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
@@ -199,10 +199,11 @@ def _splash_attention(q, k, v, segment_ids, cfg: ModelConfig, sliding) -> jax.Ar
 
 
 class MLP(nnx.Module):
-    """down(act(gate(x)) · up(x)); act = SiLU (Llama/Qwen/Mistral) or tanh-GELU (Gemma)."""
+    """down(act(gate(x)) · up(x)); act = SiLU (Llama/Qwen/Mistral) or tanh-GELU (Gemma); each projection with a
+    bias when ``cfg.mlp_bias`` (Llama's ``mlp_bias``)."""
 
     def __init__(self, cfg: ModelConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
-        linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        linear = functools.partial(nnx.Linear, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                    kernel_init=nnx.initializers.normal(0.02))
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)

@@ -25,9 +25,13 @@ PARAM_LOGICAL_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("q_proj", "bias"): ("heads",),
     ("k_proj", "bias"): ("kv_heads",),
     ("v_proj", "bias"): ("kv_heads",),
+    ("o_proj", "bias"): ("embed",),
     ("gate_proj", "kernel"): ("embed", "mlp"),
     ("up_proj", "kernel"): ("embed", "mlp"),
     ("down_proj", "kernel"): ("mlp", "embed"),
+    ("gate_proj", "bias"): ("mlp",),
+    ("up_proj", "bias"): ("mlp",),
+    ("down_proj", "bias"): ("embed",),
 }
 # LoRA adapters (``lora_a`` [in, r], ``lora_b`` [r, out]) follow their base kernel's input / output axis
 # (:func:`logical_axes`): an adapter on ``q_proj`` is ("embed", "rank") and ("rank", "heads").

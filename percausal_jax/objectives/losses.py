@@ -49,12 +49,21 @@ class Targets(NamedTuple):
     ids: jax.Array  # int32[B, R]
     weight: jax.Array  # f32[B, R]
     seq_weight: jax.Array  # f32[B, R]
+    segment_ids: jax.Array | None = None  # int32[B, R], packed segment of each slot (None: one sequence per row)
 
     @classmethod
     def of(cls, batch) -> Targets:
         """The one place targets are taken from a :class:`~percausal_jax.data.pairing.PairedBatch`."""
         r = batch.response
-        return cls(r.ids, r.weight, r.seq_weight)
+        return cls(r.ids, r.weight, r.seq_weight, r.segment_ids)
+
+    def sequence_total(self, values: jax.Array) -> jax.Array:
+        """f32[B, R] → f32[B, R]: at each slot, the sum of ``values`` over the slots of its own sequence."""
+        seg = (self.weight > 0).astype(jnp.int32) if self.segment_ids is None else self.segment_ids
+        B, R = seg.shape
+        ids = (jnp.arange(B, dtype=jnp.int32)[:, None] * (R + 1) + seg).reshape(-1)
+        sums = jax.ops.segment_sum(values.reshape(-1), ids, num_segments=B * (R + 1))
+        return sums[ids].reshape(B, R)
 
 
 class Result(NamedTuple):
@@ -173,7 +182,12 @@ class NextQuill(Objective):
     """NextQuill (code-faithful default). Data-side effect DCE_t = p_h(y_t) − p_0(y_t) (gold-token probabilities,
     from the current parameters, or from frozen initial ones with ``fixed_theta_d``); ω_t = high if DCE_t > δ else
     low (stop_gradient). L_n = Σ ω·nll / Σ ω. Model-side alignment L_p = Σ CE(z_h − z_0, y) / n_tokens, gradient
-    through BOTH passes (``weighted_lp``: Σ ω·CE / Σ ω, the paper's Eq. 7). loss = L_n + α·L_p."""
+    through BOTH passes (``weighted_lp``: Σ ω·CE / Σ ω, the paper's Eq. 7). loss = L_n + α·L_p.
+
+    ``per_sequence`` (the reference's semantics: batch 1 per device, ``compute_loss`` normalizes each sequence by
+    its own Σω and its own token count): loss = mean over sequences of (L_n,s + α·L_p,s). Both terms are then
+    normalized by the number of sequences, known from the data, so accumulation needs no Σω pre-pass. Default
+    (pooled): Σω over the whole global batch, so long sequences weigh more."""
 
     name: ClassVar[str] = "nextquill"
     delta: float = 0.05
@@ -182,11 +196,21 @@ class NextQuill(Objective):
     alpha: float = 0.1
     weighted_lp: bool = False
     fixed_theta_d: bool = False
+    per_sequence: bool = False
+    reference_model: str = ""  # θ_D of fixed_theta_d: a model that has seen the data (path / hub id); "" = initial
+
+    def __post_init__(self):
+        if self.reference_model and not self.fixed_theta_d:
+            raise ValueError("nextquill.reference_model is θ_D of fixed_theta_d=True; set both or neither")
 
     @property
     def requirements(self) -> Requirements:
         return Requirements(counterfactual=True, counterfactual_grad=True, full_logits=True,
                             reference=("p", "c") if self.fixed_theta_d else ())
+
+    def data_normalizer(self, t: Targets) -> jax.Array | None:
+        """Per sequence: both terms divide by the number of sequences. Pooled: Σω depends on the parameters."""
+        return _vec(jnp.sum(t.seq_weight), jnp.sum(t.seq_weight)) if self.per_sequence else None
 
     def diagnostics(self, x: Passes, t: Targets) -> dict[str, jax.Array]:
         src_p, src_c = (x.ref_p, x.ref_c) if self.fixed_theta_d else (x.p, x.c)
@@ -201,11 +225,18 @@ class NextQuill(Objective):
         diff = x.p.logits - x.c.logits  # [B, R, V]
         gold = jnp.take_along_axis(diff, t.ids[..., None], axis=-1)[..., 0]
         ce_diff = jax.nn.logsumexp(diff, axis=-1) - gold
-        if self.weighted_lp:
-            lp_sum, lp_norm = jnp.sum(omega * ce_diff), jnp.sum(omega)
+        if self.per_sequence:  # each sequence: its own Σω and token count; the batch averages sequences
+            coef = omega / jnp.maximum(t.sequence_total(omega), 1e-12)
+            n_seq = jnp.sum(t.seq_weight)
+            lp_coef = coef if self.weighted_lp else t.seq_weight
+            ln_sum, ln_norm, lp_sum, lp_norm = jnp.sum(coef * nll), n_seq, jnp.sum(lp_coef * ce_diff), n_seq
+        elif self.weighted_lp:
+            ln_sum, ln_norm, lp_sum, lp_norm = jnp.sum(omega * nll), jnp.sum(omega), jnp.sum(omega * ce_diff), \
+                jnp.sum(omega)
         else:
-            lp_sum, lp_norm = jnp.sum(weight * ce_diff), jnp.sum(weight)
-        return Result(_vec(jnp.sum(omega * nll), self.alpha * lp_sum), _vec(jnp.sum(omega), lp_norm), {
+            ln_sum, ln_norm, lp_sum, lp_norm = jnp.sum(omega * nll), jnp.sum(omega), jnp.sum(weight * ce_diff), \
+                jnp.sum(weight)
+        return Result(_vec(ln_sum, self.alpha * lp_sum), _vec(ln_norm, lp_norm), {
             "tokens": jnp.sum(weight),
             "nll_sum": jnp.sum(weight * nll),
             "dce_sum": jnp.sum(weight * dce),
@@ -219,10 +250,15 @@ class LossCE(Objective):
     """LossCE (Rho-1-style selective LM; Lin et al. 2024). Excess loss e_t = nll_θ(t) − nll_ref(t) with a frozen
     reference model on the same personalized input; keep the top ``keep_frac`` (default 60%) tokens of the batch by
     e_t (stop_gradient), loss = Σ_selected nll / n_selected. Selection is within the (micro-)batch, as Rho-1 does;
-    n_selected = ceil(keep_frac · n_tokens) is known from the data, so accumulation stays exact."""
+    n_selected = ceil(keep_frac · n_tokens) is known from the data, so accumulation stays exact.
+
+    ``reference_model``: Rho-1's reference is a separately trained model (path / hub id); "" = the initial model,
+    whose excess loss is exactly 0 everywhere at step 0. Ties in excess loss (all of them, then) are broken by a
+    pseudo-random permutation of the slots seeded by the batch's own token ids, never by position."""
 
     name: ClassVar[str] = "lossce"
     keep_frac: float = 0.6
+    reference_model: str = ""
 
     @property
     def requirements(self) -> Requirements:
@@ -232,7 +268,11 @@ class LossCE(Objective):
         excess = sg(-x.p.logp + x.ref_p.logp)
         flat_ex = jnp.where(t.weight > 0, excess, -jnp.inf).reshape(-1)
         k = keep_count(self.keep_frac, jnp.sum(t.weight))
-        rank = jnp.argsort(jnp.argsort(-flat_ex)).reshape(t.weight.shape)  # 0 = largest excess loss
+        ids = t.ids.reshape(-1).astype(jnp.uint32)
+        key = jax.random.fold_in(jax.random.key(0), jnp.sum(ids * (jnp.arange(ids.size, dtype=jnp.uint32) | 1)))
+        tie_break = jax.random.uniform(key, flat_ex.shape)
+        order = jnp.lexsort((tie_break, -flat_ex))  # by excess loss (descending), ties in a data-seeded order
+        rank = jnp.argsort(order).reshape(t.weight.shape)  # 0 = largest excess loss
         return {"excess": excess, "lossce_selected": (rank < k) * t.weight}
 
     def __call__(self, x: Passes, t: Targets) -> Result:

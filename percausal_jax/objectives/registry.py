@@ -53,7 +53,10 @@ def build(name: str, params: Mapping, where: str = "objective") -> Objective:
         if not ok:
             raise UserError(f"{where}.{name}.{key}={value!r}: expected a {type(default).__name__}")
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a combination of values the method refuses
+        raise UserError(f"{where}.{name}: {e}") from None
 
 
 def from_config(block: Mapping, where: str = "objective") -> Objective:

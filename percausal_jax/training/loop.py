@@ -132,7 +132,7 @@ def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
     run = setup.build(rc)
     run.eval_records, run.contriever = eval_records, contriever
     state = run.init_state()
-    ref_params = run.reference_params()
+    ref_params = run.reference_params()  # before the steps are built: a separate reference brings its layout
     iterator = run.data_iterator(train_records)
     meta = {"config": rc.source, "layout": run.layout(), "model_config": run.model_config.to_hf(),
             "model_dir": str(Path(run.model_dir).resolve()), "model_path": rc.model.path,
@@ -146,12 +146,16 @@ def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
     eval_step = run.eval_step() if d.eval else None
     writer = MetricsWriter(workdir, resume_step=start)
     n_dev = jax.device_count()
-    first = int(state.step)
-    bar = _progress(first, t.steps, progress)
+    applied = int(state.step) - int(state.nan_skips)
+    bar = _progress(applied, t.steps, progress)
     preemption = Preemption()
     last: dict = {}
     try:
-        for step in range(first, t.steps):
+        # train.steps counts applied updates, as the schedule does: a skipped (non-finite) step is made up for
+        while applied < t.steps:
+            step = int(state.step)
+            if step - applied > t.steps:
+                raise FloatingPointError(f"step {step}: more non-finite steps ({step - applied}) than train.steps")
             batch = common_shape(next(iterator))
             t0 = time.perf_counter()
             with jax.set_mesh(run.mesh):
@@ -160,12 +164,13 @@ def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
             dt = time.perf_counter() - t0
             if not bool(m.pop("finite")) and t.nan_policy == "fail":
                 raise FloatingPointError(f"step {step + 1}: loss or gradient is not finite")
+            applied = step + 1 - int(state.nan_skips)
             rec = {"step": step + 1, **per_token_metrics(m), "step_time": dt,
                    "tokens_per_s": float(m["tokens"]) / dt, "nan_skips": int(state.nan_skips)}
             if t.peak_tflops > 0:
                 global_rows = t.global_batch_size
                 rec["mfu"] = run.step_flops(global_rows, *shape_of(batch)) / dt / (n_dev * t.peak_tflops * 1e12)
-            done = step + 1 == t.steps
+            done = applied == t.steps
             if eval_step is not None and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
                 rec.update(evaluate(run, state.params, ref_params, eval_step))
             if (step + 1) % t.log_every == 0 or done:
@@ -187,6 +192,11 @@ def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
                   + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v)
                   + " (raise data.max_prompt_len / data.max_response_len, or set data.truncate_response)",
                   file=sys.stderr)
+        truncated = iterator.featurize_stats.truncated_response
+        if truncated and jax.process_index() == 0:
+            print(f"data.train: truncated while featurizing (this process): {truncated} responses over "
+                  f"data.max_response_len={d.max_response_len} tokens, kept without their end token "
+                  "(raise data.max_response_len, or data.truncate_response=false to drop them)", file=sys.stderr)
     finally:
         mngr.wait_until_finished()
         preemption.restore()

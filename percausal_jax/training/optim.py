@@ -1,7 +1,7 @@
 """The optax chain from the typed ``optimizer`` block (:class:`~percausal_jax.config.OptimizerSpec`): schedule,
 global-norm clipping, optimizer, decay mask.
 
-Weight decay skips parameters with fewer than two dimensions beyond a scanned layer axis (norm scales, biases).
+Weight decay skips biases and norm scales, by role (:func:`decay_mask`), identically for both layer layouts.
 ``grad_clip_norm = 0`` disables clipping.
 """
 
@@ -37,16 +37,23 @@ def schedule(cfg: OptimizerSpec, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def decay_mask(params, scanned: bool):
-    """True for matrices (decayed), False for norms and biases."""
-    return jax.tree.map(lambda p: p.ndim - (1 if scanned and p.ndim > 1 else 0) >= 2, params)
+def decay_mask(params):
+    """By parameter role, as HF Trainer: everything is decayed (kernels, embeddings, the head, LoRA adapters)
+    except biases and norm scales (``*norm*.weight``), whatever the layer layout (a scanned layer axis changes
+    shapes, not roles)."""
+    def decayed(path, _) -> bool:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        keys = [k for k in keys if k != "value"]  # an nnx.Variable's own attribute, not a parameter name
+        return not (keys[-1] == "bias" or any("norm" in k for k in keys[:-1]))
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(cfg: OptimizerSpec, total_steps: int, scanned: bool = False) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimizerSpec, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     if cfg.name not in OPTIMIZERS:
         raise UserError(f"optimizer.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
     lr = schedule(cfg, total_steps)
-    mask = lambda params: decay_mask(params, scanned)  # noqa: E731
+    mask = decay_mask
     if cfg.name == "adamw":
         opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "sgd":

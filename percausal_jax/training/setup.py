@@ -56,6 +56,8 @@ class Run:
     tokenizer: Any = None
     contriever: Contriever | None = None  # data.retriever="contriever", when the records need retrieval
     eval_records: Any = None  # data.eval, read once
+    reference_graphdef: Any = None  # layout of a separate reference model (objective.<name>.reference_model)
+    _reference: Any = None
 
     @property
     def objective(self) -> Objective:
@@ -77,20 +79,30 @@ class Run:
         return step.abstract_state(self.params, self.tx, self.mesh)
 
     def reference_params(self):
-        """The frozen reference of LossCE / NextQuill ``fixed_theta_d``: the initial trainable parameters, rebuilt
-        identically on resume (None when the objective has no reference)."""
-        return jax.tree.map(jnp.copy, self.params) if self.objective.requirements.reference else None
+        """The frozen reference of LossCE / NextQuill ``fixed_theta_d``, rebuilt identically on resume (None when
+        the objective has none): the model named by ``objective.<name>.reference_model`` (loaded on first use, its
+        layout in :attr:`reference_graphdef`), else the initial trainable parameters."""
+        if not self.objective.requirements.reference:
+            return None
+        name = getattr(self.objective, "reference_model", "")
+        if not name:
+            return jax.tree.map(jnp.copy, self.params)
+        if self._reference is None:
+            self._reference = _load_reference(self, name)
+        self.reference_graphdef = self._reference[0]
+        return self._reference[1]
 
     def train_step(self):
         """The train step, jitted with the state donated and laid out by the one sharding recipe."""
         rc = self.config
         fn = step.make_train_step(self.graphdef, self.tx, self.lr_schedule, rc.objective,
                                   grad_accum_steps=rc.train.grad_accum_steps, chunk_size=rc.vocab_chunk_size,
-                                  nan_policy=rc.train.nan_policy)
+                                  nan_policy=rc.train.nan_policy, ref_graphdef=self.reference_graphdef)
         return step.jit_train_step(fn, self.abstract_state())
 
     def eval_step(self):
-        return step.make_eval_step(self.graphdef, self.objective, self.config.vocab_chunk_size)
+        return step.make_eval_step(self.graphdef, self.objective, self.config.vocab_chunk_size,
+                                   self.reference_graphdef)
 
     def step_flops(self, batch: int, personal_len: int, counterfactual_len: int, response_len: int) -> float:
         return flops.step_flops(self.model_config, self.objective.requirements, batch, personal_len,
@@ -125,7 +137,7 @@ def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, de
         _check_batch(rc, mesh)
     from percausal_jax.training.optim import make_optimizer
 
-    tx, lr_schedule = make_optimizer(rc.optimizer, rc.train.steps, rc.model.scan_layers)
+    tx, lr_schedule = make_optimizer(rc.optimizer, rc.train.steps)
     if abstract:
         mc = model_config or model_config_of(rc.model.path)
         graphdef, params, frozen = _abstract_model(rc, mc, mesh)
@@ -140,6 +152,21 @@ def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, de
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam if rc.lora.rank > 0 else nnx.Param, ...)
     params = _place(params, mesh, m.scan_layers)
     return Run(rc, mesh, model.config, graphdef, params, frozen, tx, lr_schedule, source.local, source, tokenizer)
+
+
+def _load_reference(run: Run, name: str):
+    """``(graphdef, state)`` of the reference model ``name`` (path, gs:// or hub id), sharded on the run's mesh
+    like the trained model; its vocabulary must be the trained model's (the same tokenizer scores both)."""
+    m = run.config.model
+    source = resolve_model_dir(resolve_model_arg(name))
+    model = load_pretrained(source.local, dtype=m.dtype, mesh=run.mesh, compute_dtype=m.compute_dtype,
+                            scan_layers=m.scan_layers, attention_impl=m.attention_impl)
+    if model.config.vocab_size != run.model_config.vocab_size:
+        raise UserError(f"objective.{run.objective.name}.reference_model={name!r}: vocabulary of "
+                        f"{model.config.vocab_size} tokens, but the trained model has {run.model_config.vocab_size} "
+                        "(a reference must share the tokenizer)")
+    graphdef, state = nnx.split(model)
+    return graphdef, state
 
 
 def _mesh(rc: RunConfig, for_export: bool, devices: Sequence | None) -> Mesh:

@@ -27,21 +27,30 @@ from percausal_jax.training.accumulate import accumulate, split_micro
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32[]
+    step: jax.Array  # int32[]: batches consumed (applied updates = step - nan_skips)
     params: Any  # nnx.State of the trainable parameters
     opt_state: Any
     nan_skips: jax.Array  # int32[]: updates skipped because loss or gradients were not finite
 
 
+def reference_model(graphdef, ref_params, frozen, ref_graphdef=None):
+    """The frozen reference: ``ref_params`` in the trained model's layout (the initial parameters, sharing the
+    frozen base), or, with ``ref_graphdef``, a separate model (``objective.<name>.reference_model``)."""
+    if ref_graphdef is None:
+        return nnx.merge(graphdef, ref_params, frozen)
+    return nnx.merge(ref_graphdef, ref_params)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, objective: Objective, *,
-                    grad_accum_steps: int = 1, chunk_size: int = 8192, nan_policy: str = "skip"):
+                    grad_accum_steps: int = 1, chunk_size: int = 8192, nan_policy: str = "skip",
+                    ref_graphdef=None):
     """Returns the un-jitted ``train_step``; see :func:`jit_train_step`."""
     needs_ref = bool(objective.requirements.reference)
     k = grad_accum_steps
 
     def run(params, frozen, ref_params, mb) -> Result:
         model = nnx.merge(graphdef, params, frozen)
-        ref = nnx.merge(graphdef, ref_params, frozen) if needs_ref else None
+        ref = reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
         return evaluate(objective, model, mb, ref, chunk_size)
 
     def train_step(state: TrainState, frozen, ref_params, batch):
@@ -66,7 +75,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, obj
             opt_state=keep(new_opt, state.opt_state) if nan_policy == "skip" else new_opt,
             nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
         )
-        out = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step), "finite": finite,
+        # the rate this update applies: optax's schedule counts applied updates, and a skipped step applies none
+        lr = lr_schedule(state.step - state.nan_skips)
+        out = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.where(finite, lr, 0.0), "finite": finite,
                "normalizer": jnp.sum(norm), **metrics}
         return new_state, out
 
@@ -80,14 +91,14 @@ def jit_train_step(train_step, state: TrainState):
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sh, None))
 
 
-def make_eval_step(graphdef, objective: Objective, chunk_size: int = 8192):
+def make_eval_step(graphdef, objective: Objective, chunk_size: int = 8192, ref_graphdef=None):
     """``eval_step(params, frozen, ref_params, batch) -> Result`` sums (loss_sum, normalizer, metrics), no grad."""
     needs_ref = bool(objective.requirements.reference)
 
     @jax.jit
     def eval_step(params, frozen, ref_params, batch):
         model = nnx.merge(graphdef, params, frozen)
-        ref = nnx.merge(graphdef, ref_params, frozen) if needs_ref else None
+        ref = reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
         return evaluate(objective, model, batch, ref, chunk_size)
 
     return eval_step

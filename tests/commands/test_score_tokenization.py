@@ -5,7 +5,10 @@ For the same prompt records, the ids ``score`` writes (``prompt_ids``, ``prompt_
 from the ``PairedBatch``: each pass's tokens where ``segment_ids > 0``, the prompt up to the row predicting the first
 response token, the response where ``weight > 0``), for templates "none" and "chat", for records with and without a
 ``template`` field, with two real-world-shaped chat templates (Llama-3 and Gemma) on tiny offline tokenizers. The ids
-are also checked against the tokenizer itself (one BOS, chat text tokenized without adding specials).
+are also checked against the tokenizer itself (one BOS, chat text tokenized without adding specials; the completion
+ends with the chat template's end-of-turn token for chat-rendered prompts, with EOS for raw ones). Qwen3's
+``enable_thinking`` (``score --enable-thinking`` / ``data.enable_thinking``) changes the ids, and score and training
+agree for each setting.
 """
 
 import functools
@@ -38,6 +41,7 @@ FLAVORS = {
                "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3),
     "gemma": (["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>", GEMMA),
 }
+END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}  # what each template writes after an answer
 CORPUS = ["User profile: loves glimmerous gadgets and long walks.", "Write a review of the lamp.",
           "A warm light for reading at night. Stay zesty!", "The toaster works well and heats evenly.",
           "user model assistant", "Past reviews of the user."] * 3
@@ -98,9 +102,10 @@ def model(request, tmp_path_factory):
     return flavor, d / "model", tok, data
 
 
-def _training_ids(data, tokenizer, template: str, n: int) -> list[dict]:
-    it = make_iterator(str(data), tokenizer, FeaturizeConfig(template=template, **FCFG), per_process_batch_size=1,
-                       seed=0, shuffle=False, bucket_multiple=16)
+def _training_ids(data, tokenizer, template: str, n: int, enable_thinking: bool = False) -> list[dict]:
+    fcfg = FeaturizeConfig(template=template, enable_thinking=enable_thinking, **FCFG)
+    it = make_iterator(str(data), tokenizer, fcfg, per_process_batch_size=1, seed=0, shuffle=False,
+                       bucket_multiple=16)
     out = []
     for batch in itertools.islice(it, n):
         r = batch.response
@@ -147,4 +152,46 @@ def test_score_ids_equal_the_training_batch_ids(model, tmp_path, template):
             assert s[key][0] == bos and s[key].count(bos) == 1, f"{flavor}/{template}/{rec['id']}: {key} BOS"
             turn = tok.convert_tokens_to_ids(FLAVORS[flavor][0][2 if flavor == "llama3" else 3])
             assert (turn in s[key]) == (used == "chat"), f"{flavor}/{template}/{rec['id']}: {key} turn marker"
-        assert s["completion_ids"] == tok(rec["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        end = tok.convert_tokens_to_ids(END_OF_TURN[flavor]) if used == "chat" else eos
+        assert s["completion_ids"] == tok(rec["completion"], add_special_tokens=False)["input_ids"] + [end]
+        assert (eos in s["completion_ids"]) == (used == "none" or eos == end), f"{flavor}/{template}/{rec['id']}"
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """A tiny model directory with a Qwen3-shaped tokenizer carrying Qwen3's real chat template."""
+    from tests.data.tokenizer_fixture import make_chat_tokenizer
+
+    d = tmp_path_factory.mktemp("score_qwen3")
+    tok = make_chat_tokenizer("qwen3")
+    assert len(tok) <= VOCAB
+    tiny_hf_model("llama", d / "model", vocab_size=VOCAB, num_hidden_layers=1)
+    tok.save_pretrained(str(d / "model"))
+    data = d / "records.jsonl"
+    recs = [r for r in records(tok) if "template" not in r or r["template"] == "none"]  # rendered by score / training
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d / "model", tok, data, recs
+
+
+def test_qwen3_enable_thinking_score_and_training_agree(qwen3, tmp_path):
+    model_dir, tok, data, recs = qwen3
+    scored = {}
+    for thinking in (False, True):
+        out = tmp_path / f"scores_{thinking}.jsonl"
+        argv = ["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--template", "chat"]
+        assert cli.main(argv + (["--enable-thinking"] if thinking else [])) == 0
+        scored[thinking] = [json.loads(line) for line in out.read_text().splitlines()]
+        trained = _training_ids(data, storage.load_tokenizer(model_dir, what="tokenizer"), "chat", len(recs),
+                                enable_thinking=thinking)
+        for rec, s, t in zip(recs, scored[thinking], trained):
+            for key in ("prompt_ids", "prompt_no_profile_ids", "completion_ids"):
+                assert s[key] == t[key], f"thinking={thinking}/{rec['id']}: {key}"
+    think = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for rec, off, on in zip(recs, scored[False], scored[True]):
+        if rec.get("template") == "none":  # final raw text: the switch does not apply
+            assert off == on
+            continue
+        for key in ("prompt_ids", "prompt_no_profile_ids"):  # False = the empty think block after the header
+            assert off[key] != on[key] and off[key] == on[key] + think, f"{rec['id']}: {key}"
+        assert off["completion_ids"] == on["completion_ids"] and off["completion_ids"][-1] == im_end

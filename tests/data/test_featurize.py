@@ -21,6 +21,7 @@ TWEET = {"id": "t1", "user_id": "u1", "task": "LaMP-7", "profile": PROFILE,
          "input": "Paraphrase the following tweet without any explanation before or after it: kettle is great",
          "output": "The kettle is really great."}
 EOS = 2
+IM_END = 4  # <|im_end|>: what the fixture's ChatML template writes after an assistant message
 
 
 def ids(text, special):
@@ -32,9 +33,10 @@ def test_canonical_raw_template_retrieves_builds_and_tokenizes_once():
     featurizer = Featurizer(tok, FeaturizeConfig(template="none", retriever="recency", k=2))
     texts, result = featurizer.run(TWEET)
     pair = build_pair(TWEET, [PROFILE[1], PROFILE[0]], "drop")  # recency: newest first
-    assert (texts.prompt, texts.prompt_no_profile) == (pair.personal.user, TWEET["input"])
+    # both prompts end with the default separator, a line break; the response is the output's own ids + EOS
+    assert (texts.prompt, texts.prompt_no_profile) == (pair.personal.user + "\n", TWEET["input"] + "\n")
     assert texts.items_used == 2 and texts.template == "none"
-    assert result == Kept(PairedExample(tuple(ids(texts.prompt, True)), tuple(ids(TWEET["input"], True)),
+    assert result == Kept(PairedExample(tuple(ids(texts.prompt, True)), tuple(ids(TWEET["input"] + "\n", True)),
                                         tuple(ids(TWEET["output"], False) + [EOS])), 2)
     assert result.example.prompt_ids[0] == tok.bos_token_id  # raw text gets the tokenizer's BOS
 
@@ -47,7 +49,8 @@ def test_chat_template_prompts_are_tokenized_without_extra_special_tokens():
     assert "None are written by a person." in texts.prompt_no_profile  # placeholder mode
     assert list(kept.example.prompt_ids) == ids(texts.prompt, False)
     assert kept.example.prompt_ids[0] == 3  # <|im_start|>, no BOS in front
-    assert list(kept.example.response_ids) == ids(TWEET["output"], False) + [EOS]
+    assert texts.prompt_no_profile.endswith("<|im_start|>assistant\n")  # no separator with a chat template
+    assert list(kept.example.response_ids) == ids(TWEET["output"], False) + [IM_END]  # the template's end of turn
 
 
 def test_budget_drops_items_and_counts_prompts_that_never_fit():
@@ -77,10 +80,64 @@ def test_truncate_budget_mode_shortens_item_text():
 
 def test_long_responses_are_dropped_or_truncated_without_eos():
     n = len(ids(TWEET["output"], False)) + 1
-    assert Featurizer(make_tokenizer(), FeaturizeConfig(max_response_len=n))(TWEET).example.response_ids[-1] == EOS
+    fits = Featurizer(make_tokenizer(), FeaturizeConfig(max_response_len=n))(TWEET)
+    assert fits.example.response_ids[-1] == EOS and not fits.truncated
     assert Featurizer(make_tokenizer(), FeaturizeConfig(max_response_len=n - 1))(TWEET) == Dropped("response_too_long")
     cut = Featurizer(make_tokenizer(), FeaturizeConfig(max_response_len=3, truncate_response=True))(TWEET)
-    assert list(cut.example.response_ids) == ids(TWEET["output"], False)[:3]
+    assert list(cut.example.response_ids) == ids(TWEET["output"], False)[:3] and cut.truncated
+    # exactly at the limit without the end token: still truncated (the end token is what was cut)
+    at = Featurizer(make_tokenizer(), FeaturizeConfig(max_response_len=n - 1, truncate_response=True))(TWEET)
+    assert list(at.example.response_ids) == ids(TWEET["output"], False) and at.truncated
+    chat = Featurizer(make_tokenizer(), FeaturizeConfig(template="chat", max_response_len=n, truncate_response=True))
+    assert chat(TWEET).example.response_ids[-1] == IM_END and not chat(TWEET).truncated  # the end token counts
+    stats = FeaturizeStats()
+    for result in (fits, cut, at, Dropped("response_too_long")):
+        stats.add(result)
+    assert (stats.kept, stats.truncated_response, stats.dropped["response_too_long"]) == (3, 2, 1)
+    assert stats.summary()["truncated_response"] == 2
+
+
+def test_separator_ends_both_raw_prompts_and_never_the_response():
+    tok = make_tokenizer()
+    base = dict(template="none", retriever="recency", k=2)
+    glued = Featurizer(tok, FeaturizeConfig(**base, separator="")).run(TWEET)
+    for sep in ("\n", "\n\n", " Answer: "):
+        texts, kept = Featurizer(tok, FeaturizeConfig(**base, separator=sep)).run(TWEET)
+        assert texts.prompt == glued[0].prompt + sep and texts.prompt_no_profile == glued[0].prompt_no_profile + sep
+        assert texts.completion == TWEET["output"]
+        assert kept.example.prompt_ids == tuple(ids(texts.prompt, True))  # the separator is prompt text ...
+        assert kept.example.response_ids == glued[1].example.response_ids  # ... the response ids never change
+    # the budget counts it: the exact length of the one-item prompt with the separator fits, one less does not
+    one = Featurizer(tok, FeaturizeConfig(**{**base, "k": 1})).run(TWEET)[1]
+    limit = len(one.example.prompt_ids)
+    fitted = Featurizer(tok, FeaturizeConfig(**base, max_prompt_len=limit))(TWEET)
+    assert fitted.items_used == 1 and fitted.example.prompt_ids == one.example.prompt_ids
+    assert Featurizer(tok, FeaturizeConfig(**base, max_prompt_len=limit - 1))(TWEET).items_used == 0
+    # a prompt that already ends with it (NextQuill's Amazon message ends with a line break) gets no second one
+    amazon = {"id": "a1", "user_id": "u", "task": "amazon_review", "input": "Kettle", "output": "Loved it.",
+              "target": {"item_title": "Kettle", "item_description": "Steel.", "rating": 5, "title": "Wow"},
+              "profile": []}
+    texts = Featurizer(tok, FeaturizeConfig(template="none")).texts(amazon)
+    assert texts.prompt.endswith("[Output Review Title]: Wow\n") and not texts.prompt.endswith("\n\n")
+    # prompt and TRL records keep their own text; chat-rendered prompts get none
+    record = {"id": "p", "prompt": "Past: x. Write.", "prompt_no_profile": "Write.", "completion": "Done."}
+    assert Featurizer(tok, FeaturizeConfig()).texts(record).prompt == "Past: x. Write."
+    assert Featurizer(tok, FeaturizeConfig()).texts({"prompt": "Q?", "completion": "A."}).prompt == "Q?"
+    assert Featurizer(tok, FeaturizeConfig(template="chat")).texts(TWEET).prompt.endswith("assistant\n")
+    with pytest.raises(UserError, match="separator=None: expected a string"):
+        FeaturizeConfig(separator=None)
+
+
+def test_prepared_raw_records_featurize_like_their_canonical_source():
+    """What prepare writes for template none (the text with the separator) gives the canonical record's ids."""
+    from percausal_jax.commands.prepare import prompt_record
+
+    tok = make_tokenizer()
+    featurizer = Featurizer(tok, FeaturizeConfig(template="none", retriever="recency", k=2))
+    texts, kept = featurizer.run(TWEET)
+    row = prompt_record(TWEET, texts, "fallback")
+    assert row["prompt"].endswith("\n") and row["template"] == "none"
+    assert featurizer(row).example == kept.example
 
 
 def test_prompt_records_render_unless_already_templated():
@@ -154,12 +211,16 @@ def test_stats_count_and_round_trip_through_json():
     stats.add(Kept(PairedExample((1,), (1,), (5, 6, 7, 2)), 0))
     stats.add(Dropped("response_too_long"))
     summary = stats.summary()
-    assert summary["kept"] == 2 and summary["dropped_total"] == 1
+    assert summary["kept"] == 2 and summary["dropped_total"] == 1 and summary["truncated_response"] == 0
     assert summary["dropped"] == {"prompt_too_long": 0, "response_too_long": 1}
     assert summary["mean_len"] == {"prompt": 2.0, "prompt_no_profile": 1.0, "response": 3.0}
     assert summary["max_len"] == {"prompt": 3, "prompt_no_profile": 1, "response": 4}
     assert summary["items_used"] == {0: 1, 2: 1} and summary["mean_items_used"] == 1.0
+    stats.add(Kept(PairedExample((1,), (1,), (5, 6)), 1, truncated=True))
+    assert stats.summary()["truncated_response"] == 1
     assert FeaturizeStats.from_json(json.loads(json.dumps(stats.to_json()))) == stats
+    old = {k: v for k, v in stats.to_json().items() if k != "truncated_response"}  # a state saved before the field
+    assert FeaturizeStats.from_json(old).truncated_response == 0
     assert np.isclose(FeaturizeStats().summary()["mean_items_used"], 0.0)
 
 

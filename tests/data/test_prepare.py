@@ -49,7 +49,7 @@ def test_longlamp_raw_text_prompts(tmp_path, capsys):
     for row, record in zip(rows, canonical):
         pair = build_pair(record, top_k(record, 2, "recency"), "drop")
         assert (row["prompt"], row["prompt_no_profile"], row["completion"]) == (
-            pair.personal.user, record["input"], record["output"])
+            pair.personal.user + "\n", record["input"] + "\n", record["output"])  # the default separator
         assert row["template"] == "none" and row["profile_items_used"] == min(2, len(record["profile"]))
         assert row["reviewerId"] == record["reviewerId"] and "profile" not in row and "input" not in row
         assert (row["user_id"], row["task"]) == (record["user_id"], "product_review")
@@ -82,6 +82,34 @@ def test_lamp_chat_budget_drops_and_round_trips_through_featurize(tmp_path, toke
     assert [row["profile_items_used"] for row in rows] == [k.items_used for k in kept]
     assert 0 < sum(k.items_used for k in kept) < 3 * len(kept)  # the budget dropped some items, not all
     assert all(row["template"] == "chat" and row["task"] == "LaMP-3" for row in rows)
+
+
+def test_separator_and_long_responses(tmp_path, tokenizer_dir, capsys):
+    raw = write_longlamp(tmp_path / "raw", {"val": 3})
+    args = ("--source", "longlamp", "--input", raw / "product_review_user", "--retriever", "recency", "--k", "1")
+    run_prepare(*args, "--out", tmp_path / "glued.jsonl", "--separator", "")
+    run_prepare(*args, "--out", tmp_path / "blank.jsonl", "--separator", "\n\n")
+    for glued, blank in zip(read_records(tmp_path / "glued.jsonl"), read_records(tmp_path / "blank.jsonl")):
+        assert blank["prompt"] == glued["prompt"] + "\n\n" and blank["completion"] == glued["completion"]
+        assert blank["prompt_no_profile"] == glued["prompt_no_profile"] + "\n\n"
+    capsys.readouterr()
+    canonical = [{**r, "output": "Loved it. " * i + "Stay zesty!"}
+                 for i, r in enumerate(read_records(raw / "product_review_user" / "val-00000-of-00001.parquet"))]
+    write_jsonl(tmp_path / "canonical.jsonl", canonical)
+    args = ("--source", "jsonl", "--input", tmp_path / "canonical.jsonl", "--retriever", "recency", "--k", "1")
+    limit = len(make_tokenizer()(canonical[1]["output"], add_special_tokens=False)["input_ids"]) + 1
+    over = [r["id"] for r in canonical[2:]]  # longer than the second output (+EOS)
+    run_prepare(*args, "--out", tmp_path / "cut.jsonl", "--tokenizer", tokenizer_dir, "--max-response-len", limit)
+    rows = read_records(tmp_path / "cut.jsonl")
+    assert [r["completion"] for r in rows] == [r["output"] for r in canonical]  # kept, and written in full
+    printed = capsys.readouterr().out
+    assert f"truncated responses: {len(over)} over --max-response-len {limit} tokens" in printed
+    assert ", ".join(over) in printed and f"kept {len(rows)}, skipped 0" in printed
+    run_prepare(*args, "--out", tmp_path / "drop.jsonl", "--tokenizer", tokenizer_dir, "--max-response-len", limit,
+                "--no-truncate-response")
+    assert len(read_records(tmp_path / "drop.jsonl")) == len(canonical) - len(over)
+    printed = capsys.readouterr().out
+    assert "truncated responses" not in printed and re.search(rf"response_too_long +{len(over)} ", printed)
 
 
 def test_amazon_rows_join_meta_and_use_the_nextquill_prompt(tmp_path, tokenizer_dir, capsys):

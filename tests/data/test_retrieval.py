@@ -5,28 +5,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from percausal_jax.data import build_pair
+from percausal_jax.data import build_pair, sources, synthetic
+from percausal_jax.data.prompts import get_task
 from percausal_jax.data.retrieval import (Contriever, PromptTooLong, bm25_order, fit_to_budget, random_order,
                                           rank, recency_order, top_k)
 from percausal_jax.errors import UserError
+from tests.data.tokenizer_fixture import write_lamp, write_longlamp
 
 # Hand-checked BM25Okapi (k1=1.5, b=0.75), query "red apple": N=5, avgdl=11/5=2.2, idf(red)=idf(apple)=ln(3.5/2.5).
 #   doc0 (dl 3, red+apple once each): 0.3365 * 2 * 2.5/(1 + 1.5*(0.25 + 0.75*3/2.2))       = 0.578
 #   doc3 (dl 3, red twice):           0.3365 * 2*2.5/(2 + 1.5*(0.25 + 0.75*3/2.2))         = 0.430
 #   doc1 (dl 2, apple once):          0.3365 * 2.5/(1 + 1.5*(0.25 + 0.75*2/2.2))           = 0.351
-#   doc2, doc4: 0 (tie, kept in profile order)
+#   doc2, doc4: 0 (tie: the later document first, as argsort(scores)[::-1] with a stable sort)
 DOCS = ["red apple pie", "green apple", "blue sky", "red red car", "dog"]
 
 
 def test_bm25_hand_checked_order():
-    assert bm25_order("red apple", DOCS) == [0, 3, 1, 2, 4]
+    assert bm25_order("red apple", DOCS) == [0, 3, 1, 4, 2]
+    np.testing.assert_allclose(_okapi_scores("red apple", DOCS)[[0, 3, 1]], [0.578, 0.430, 0.351], atol=5e-4)
 
 
 def test_bm25_keeps_case_and_handles_empty_queries():
-    assert bm25_order("apple", DOCS) == [1, 0, 2, 3, 4]  # the shorter document wins
-    assert bm25_order("Apple", DOCS) == [0, 1, 2, 3, 4]  # no lowercasing: no match at all
-    assert bm25_order("   ", DOCS) == [0, 1, 2, 3, 4]
-    assert bm25_order("red", ["", ""]) == [0, 1]
+    assert bm25_order("apple", DOCS) == [1, 0, 4, 3, 2]  # the shorter document wins
+    assert bm25_order("Apple", DOCS) == [4, 3, 2, 1, 0]  # no lowercasing: no match at all, all tied
+    assert bm25_order("   ", DOCS) == [4, 3, 2, 1, 0]
+    assert bm25_order("red", ["", ""]) == [1, 0]  # BM25Okapi itself would divide by zero here
     assert bm25_order("red", []) == []
 
 
@@ -37,6 +40,115 @@ def test_bm25_on_a_record_uses_the_task_query_and_clamps_k():
     assert [p["text"] for p in top_k(record, 3, "bm25")] == ["red apple pie", "red red car", "green apple"]
     assert len(top_k(record, 50, "bm25")) == len(profile)
     assert top_k({**record, "profile": []}, 4, "bm25") == []
+
+
+def _okapi_scores(query: str, documents: list[str]) -> np.ndarray:
+    from rank_bm25 import BM25Okapi
+
+    return BM25Okapi([d.split() for d in documents]).get_scores(query.split())
+
+
+def _reference_top_n(query: str, documents: list[str]) -> list[int]:
+    """The reference's call: ``BM25Okapi(corpus).get_top_n(query.split(), corpus, n)``, returning indices."""
+    from rank_bm25 import BM25Okapi
+
+    corpus = [d.split() for d in documents]
+    return BM25Okapi(corpus).get_top_n(query.split(), list(range(len(corpus))), n=len(corpus))
+
+
+def _robertson_scores(query: str, documents: list[str]) -> np.ndarray:
+    """The previous retriever (bm25s ``robertson``): idf = max(0, ln((N-n+0.5)/(n+0.5))), no (k1+1) factor."""
+    corpus = [d.split() for d in documents]
+    n_docs, avgdl = len(corpus), sum(map(len, corpus)) / len(corpus)
+    scores = np.zeros(n_docs)
+    for term in query.split():
+        df = sum(term in doc for doc in corpus)
+        idf = max(0.0, float(np.log((n_docs - df + 0.5) / (df + 0.5))))
+        for i, doc in enumerate(corpus):
+            tf = doc.count(term)
+            scores[i] += idf * tf / (tf + 1.5 * (0.25 + 0.75 * len(doc) / avgdl))
+    return scores
+
+
+def _assert_reference_ranking(query: str, documents: list[str]) -> list[int]:
+    """Our order has the reference's score sequence; it is get_top_n itself when no scores tie."""
+    ours, reference, scores = bm25_order(query, documents), _reference_top_n(query, documents), \
+        _okapi_scores(query, documents)
+    assert sorted(ours) == list(range(len(documents)))
+    np.testing.assert_array_equal(scores[ours], scores[reference])  # the full score order, bit for bit
+    assert ours == np.argsort(scores, kind="stable")[::-1].tolist()  # ties: the later document first
+    if len(set(scores.tolist())) == len(scores):
+        assert ours == reference
+    return ours
+
+
+# An instruction-heavy LongLaMP query (the whole input is the query): "the", "a", "is", "for" occur in 3 of the 4
+# profile documents. Robertson idf makes them 0; BM25Okapi raises them to 0.25 * mean idf, which outweighs the towel
+# review's three rare matches ("rating", "overall", "given") and puts the mug review first.
+REVIEW_RECORD = {
+    "id": "rev", "task": "product_review", "output": "o",
+    "input": 'Generate the review text written by a reviewer who has a given an overall rating of "5.0" for a product '
+             'with description "Steel kettle". The summary of the review text is "Great kettle".',
+    "profile": [
+        {"overall": 4.0, "summary": "Works", "description": "Blue enamel kettle with induction base",
+         "reviewText": "Heats water quickly on our induction hob and the whistle is loud, a good buy for the price."},
+        {"overall": 5.0, "summary": "Good mug", "description": "Ceramic mug",
+         "reviewText": "It is the best mug of the set, a gift for my dad."},
+        {"overall": 2.0, "summary": "Meh", "description": "Plastic cup",
+         "reviewText": "The cup is thin and the print is a mess, not for hot tea."},
+        {"overall": 3.0, "summary": "Fine", "description": "Cotton towel",
+         "reviewText": "Softer than expected; dries dishes fast; honest rating overall given washing shrinkage "
+                       "nobody mentioned anywhere."},
+    ]}
+
+
+def test_bm25_floors_terms_in_most_of_the_profile_at_epsilon_times_mean_idf():
+    from rank_bm25 import BM25Okapi
+
+    task = get_task(REVIEW_RECORD)
+    query, documents = task.query(REVIEW_RECORD), [task.document(p) for p in REVIEW_RECORD["profile"]]
+    index = BM25Okapi([d.split() for d in documents])
+    for term in ("the", "a", "is", "for"):
+        assert sum(term in d.split() for d in documents) == 3
+        assert index.idf[term] == pytest.approx(0.25 * index.average_idf) and index.idf[term] > 0
+    ours = _assert_reference_ranking(query, documents)
+    assert ours == [1, 3, 2, 0]
+    robertson = _robertson_scores(query, documents)
+    assert len(set(robertson.tolist())) == 4  # no ties: Robertson's ranking is unambiguous, and it differs
+    assert np.argsort(-robertson).tolist() == [3, 1, 2, 0] != ours
+    assert [p["summary"] for p in top_k(REVIEW_RECORD, 1, "bm25")] == ["Good mug"]
+    # Only floored terms match: Robertson scores everything 0, BM25Okapi still ranks (ties: later document first).
+    assert _robertson_scores("the", ["the mug", "a kettle", "the cup"]).tolist() == [0, 0, 0]
+    assert _assert_reference_ranking("the", ["the mug", "a kettle", "the cup"]) == [2, 0, 1]
+
+
+def test_bm25_ties_put_the_later_document_first():
+    docs = ["red apple", "blue sky", "red apple", "dog", "red apple pie", "sky", "green tree"]
+    assert _assert_reference_ranking("red apple", docs) == [2, 0, 4, 6, 5, 3, 1]
+    # n = N/2 gives idf exactly 0 (not negative, so not floored): every score is 0.
+    assert _assert_reference_ranking("red", ["red", "blue", "red", "sky"]) == [3, 2, 1, 0]
+
+
+def _fixture_records(tmp_path) -> list[dict]:
+    records = []
+    for split, n in (("train", 12), ("dev", 6)):
+        questions = write_lamp(tmp_path / "lamp", split, n)
+        records += sources.read_lamp(questions, sources.lamp_outputs_path(questions))
+    root = write_longlamp(tmp_path / "longlamp", {"train": 12, "val": 6})
+    for split in ("train", "val"):
+        records += sources.read_longlamp(sources.find_longlamp(root, split=split))
+    return records + [REVIEW_RECORD] + synthetic.generate(4, 6, 2, seed=0)
+
+
+def test_bm25_matches_rank_bm25_get_top_n_on_the_fixtures(tmp_path):
+    records = _fixture_records(tmp_path)
+    assert {r["task"] for r in records} == {"LaMP-3", "product_review", "synthetic"}
+    for record in records:
+        task = get_task(record)
+        documents = [task.document(p) for p in record["profile"]]
+        order = _assert_reference_ranking(task.query(record), documents)
+        assert rank(record, "bm25") == order
+        assert top_k(record, 2, "bm25") == [record["profile"][i] for i in order[:2]]
 
 
 def test_recency_newest_first_by_date_timestamp_or_year():

@@ -10,7 +10,7 @@ from flax import nnx
 import percausal_jax as pj
 from percausal_jax.errors import UserError
 from percausal_jax.models.partitioning import make_mesh
-from tests.helpers import tiny_hf_model, torch_logits
+from tests.helpers import tiny_hf_model, torch_logits, with_config
 
 FAMILIES = {
     "llama": {},
@@ -136,6 +136,87 @@ def test_sharded_export_with_index(tiny_llama_dir, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     np.testing.assert_allclose(torch_logits(reloaded, ids), np.asarray(m(ids)), atol=1e-5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+
+# ------------------------------------------------------------------------------ Gemma2 soft-caps that matter
+# With tiny weights Gemma2's default caps (50 / 30) move transformers' logits by ~1e-6, so a parity test under a 1e-4
+# tolerance cannot see a missing cap. Here q/k are scaled ×4 (raw attention scores reach ~13, cap 5) and the
+# final cap of 2 is close to the raw logits (~1.8 max, tanh bends them by up to ~0.4): each cap moves transformers'
+# logits by far more than CAP_MARGIN, and the same weights under our config with that cap removed must miss
+# transformers by at least CAP_MARGIN.
+CAPS = {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 2.0}
+CAP_FIELDS = {"attn_logit_softcapping": "attn_logit_softcap", "final_logit_softcapping": "final_logit_softcap"}
+CAP_MARGIN = 1e-2
+CAP_ATOL = 2e-5  # observed float32 error: ~2e-6
+CAP_PREFILL = 16  # decode test: prefill this many tokens, then one token per step
+
+
+@pytest.fixture(scope="module")
+def gemma2_capped(tmp_path_factory):
+    """(dir, ids, transformers' logits with both caps, {hf cap key: transformers' logits with that cap off})."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("gemma2_capped")
+    model = tiny_hf_model("gemma2", None, sliding_window=8, query_pre_attn_scalar=16, **CAPS)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.save_pretrained(str(d))
+    ids = np.random.RandomState(4).randint(0, 256, (2, 20))  # longer than the window of 8 (layer 0 slides)
+    uncapped = {}
+    for key in CAPS:
+        m = AutoModelForCausalLM.from_pretrained(str(d), **{key: None}).eval()
+        assert getattr(m.config, key) is None
+        uncapped[key] = torch_logits(m, ids)
+    return d, ids, torch_logits(model, ids), uncapped
+
+
+def _max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+@pytest.mark.parametrize("cap", sorted(CAPS))
+def test_gemma2_each_softcap_changes_transformers_logits(gemma2_capped, cap):
+    _, _, ref, uncapped = gemma2_capped
+    assert _max_diff(uncapped[cap], ref) >= CAP_MARGIN, cap
+
+
+def _cached_logits(model, ids):
+    """Prefill CAP_PREFILL tokens through the KV cache, then one token per step; the logits of every position."""
+    seg = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+
+    @nnx.jit
+    def run(model, ids):
+        hidden, cache = model.decode(ids[:, :CAP_PREFILL], model.init_cache(seg, pos), 0)
+        chunks = [hidden]
+        for t in range(CAP_PREFILL, ids.shape[1]):
+            hidden, cache = model.decode(ids[:, t:t + 1], cache, t)
+            chunks.append(hidden)
+        return model.logits(jax.numpy.concatenate(chunks, axis=1))
+
+    return np.asarray(run(model, ids))
+
+
+@pytest.mark.parametrize("path", ["forward", "decode"])
+@pytest.mark.parametrize("removed", [None, *sorted(CAPS)], ids=["both_caps", "no_attn_cap", "no_final_cap"])
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_gemma2_softcaps_match_transformers(gemma2_capped, scan, removed, path):
+    """Ours with both caps matches transformers; the same weights with one cap removed from our ModelConfig miss
+    transformers by >= CAP_MARGIN and match transformers with that cap off (so the cap is the whole difference)."""
+    d, ids, ref, uncapped = gemma2_capped
+    model = pj.load_pretrained(d, scan_layers=scan)
+    assert (model.config.attn_logit_softcap, model.config.final_logit_softcap) == (5.0, 2.0)
+    if removed is not None:
+        model = with_config(model, **{CAP_FIELDS[removed]: None})
+    ours = np.asarray(model(ids)) if path == "forward" else _cached_logits(model, ids)
+    if removed is None:
+        np.testing.assert_allclose(ours, ref, atol=CAP_ATOL, rtol=0)
+    else:
+        np.testing.assert_allclose(ours, uncapped[removed], atol=CAP_ATOL, rtol=0)
+        assert _max_diff(ours, ref) >= CAP_MARGIN
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

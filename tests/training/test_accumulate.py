@@ -157,3 +157,78 @@ def test_split_micro_puts_row_i_in_micro_batch_i_mod_k(setup, k):
         assert split.shape == (k, rows // k, *full.shape[1:])
         for i in range(rows):
             np.testing.assert_array_equal(np.asarray(split[i % k, i // k]), np.asarray(full[i]))
+
+
+# ------------------------------------------------------------------------------------------ batch-relative methods
+# LossCE selects its top tokens and EntCE takes its mean entropy within each micro-batch (as Rho-1 / EntCE do), so
+# accumulation is compared with the per-micro-batch computation written out here in numpy.
+
+
+def _per_token(setup, ref_params):
+    """gold log-probs and entropies of the whole batch (trained and reference parameters), numpy [B, R]."""
+    from percausal_jax.objectives import Requirements, compute_passes
+
+    graphdef, params, frozen, batch = setup
+    req = Requirements(entropy=True)
+
+    @jax.jit
+    def f(p, rp):
+        x = compute_passes(_model(graphdef, p, frozen), batch, req, CHUNK)
+        r = compute_passes(_model(graphdef, rp, frozen), batch, req, CHUNK)
+        return x.p.logp, x.p.entropy, r.p.logp
+
+    return [np.asarray(a, np.float64) for a in f(params, ref_params)]
+
+
+def _micro_rows(rows, k):
+    return [np.arange(rows)[np.arange(rows) % k == i] for i in range(k)]  # row i in micro-batch i mod k
+
+
+@pytest.mark.parametrize("name", ["lossce", "entce"])
+def test_batch_relative_objectives_accumulate_per_micro_batch(setup, name):
+    from percausal_jax.objectives import EntCE, LossCE
+
+    graphdef, params, frozen, batch = setup
+    rng = np.random.RandomState(0)
+    ref_params = jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape) * 0.05, x.dtype), params)
+    logp, ent, ref_logp = _per_token(setup, ref_params)
+    w = np.asarray(batch.response.weight, np.float64)
+    nll = -logp
+    k = 2
+    num = den = 0.0
+    for rows in _micro_rows(w.shape[0], k):
+        mw, mnll = w[rows], nll[rows]
+        if name == "lossce":  # top ceil(0.6·n) tokens of this micro-batch by excess loss
+            excess = np.where(mw > 0, mnll + ref_logp[rows], -np.inf).reshape(-1)
+            keep = int(np.ceil(0.6 * mw.sum() - 1e-9))
+            chosen = np.argsort(-excess, kind="stable")[:keep]
+            num += mnll.reshape(-1)[chosen].sum()
+            den += keep
+        else:  # weights from this micro-batch's mean entropy, capped at 5
+            mh = ent[rows]
+            weights = np.minimum(mh / ((mw * mh).sum() / mw.sum()), 5.0)
+            num += (mw * weights * mnll).sum()
+            den += mw.sum()
+    obj = LossCE() if name == "lossce" else EntCE()
+    fn = _grad_fn_ref(graphdef, frozen, obj, ref_params)
+
+    @jax.jit
+    def run(params, batch):
+        micro = split_micro(batch, k)
+        loss, _, _, norm = accumulate(fn, params, micro, obj.data_normalizer(Targets.of(micro)))
+        full = total_loss(evaluate(obj, _model(graphdef, params, frozen), batch, _model(graphdef, ref_params, frozen),
+                                   CHUNK))
+        return loss, norm, full
+
+    loss, norm, full = jax.device_get(run(params, batch))
+    np.testing.assert_allclose(float(np.sum(norm)), den)
+    assert float(loss) == pytest.approx(num / den, rel=1e-5)
+    assert abs(float(full) - num / den) > 1e-5  # batch-relative: one micro-batch is not the whole batch
+
+
+def _grad_fn_ref(graphdef, frozen, objective, ref_params):
+    def loss_fn(params, mb, norm):
+        res = evaluate(objective, _model(graphdef, params, frozen), mb, _model(graphdef, ref_params, frozen), CHUNK)
+        return jnp.sum(res.loss_sum / jnp.maximum(jax.lax.stop_gradient(norm), 1e-12)), res
+
+    return jax.value_and_grad(loss_fn, has_aux=True)

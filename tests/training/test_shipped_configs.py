@@ -74,6 +74,9 @@ def test_shipped_configs_train_and_every_key_is_read(tmp_path):
     qwen3 = model_dir(tmp_path, "qwen3", head_dim=16)
     qwen2 = model_dir(tmp_path, "qwen2")
     llama = model_dir(tmp_path, "llama")
+    llama_ref = tmp_path / "llama_ref"  # θ_D: another model of the same vocabulary
+    tiny_hf_model("llama", llama_ref, seed=1)
+    tiny_tokenizer(llama_ref)
     contriever = tiny_contriever(tmp_path / "contriever")
     reviews = write(tmp_path / "reviews.jsonl", review_rows(8))
     amazon = write(tmp_path / "amazon.jsonl", amazon_rows(8))
@@ -96,6 +99,10 @@ def test_shipped_configs_train_and_every_key_is_read(tmp_path):
         "tiny.py:lossce": [f"--config.model.path={llama}", f"--config.data.train={prompts}",
                            "--config.objective.name=lossce", "--config.optimizer.name=adafactor",
                            "--config.lora.rank=4", "--config.train.steps=2", "--config.optimizer.warmup_steps=0"],
+        "tiny.py:nextquill_fixed": [f"--config.model.path={llama}", f"--config.data.train={prompts}",
+                                    "--config.objective.name=nextquill", "--config.objective.nextquill.fixed_theta_d=true",
+                                    f"--config.objective.nextquill.reference_model={llama_ref}",
+                                    "--config.train.steps=2"],
         "tiny.py:entce": [f"--config.model.path={llama}", f"--config.data.train={prompts}",
                           f"--config.data.eval={prompts}", "--config.objective.name=entce",
                           "--config.train.eval_every=1", "--config.train.steps=2", "--config.train.peak_tflops=1.0"],

@@ -83,7 +83,8 @@ def test_batch_not_divisible_is_exit_2(setup, tmp_path, capsys):
 
 def test_all_examples_dropped_is_a_clear_error(setup, tmp_path, capsys):
     model_dir, data = setup
-    rc = cli.main(train_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.data.max_response_len=2"]))
+    rc = cli.main(train_args(model_dir, data, tmp_path / "r", "ce", extra=["--config.data.max_response_len=2",
+                                                                                 "--config.data.truncate_response=false"]))
     assert rc == 2 and "every example was dropped" in capsys.readouterr().err
 
 
@@ -101,7 +102,7 @@ def test_paper_configs_carry_the_spec_values(arg):
 
 def test_nextquill_config_carries_the_code_values():
     c = RunConfig.from_config(load_config("configs/nextquill_amazon.py"))
-    assert c.objective == NextQuill(delta=0.05, high=0.9, low=0.1, alpha=0.1)
+    assert c.objective == NextQuill(delta=0.05, high=0.9, low=0.1, alpha=0.1, per_sequence=True)
     assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.warmup_ratio) == (5e-6, 0.025, 0.01)
     assert c.data.counterfactual_mode == "placeholder" and c.data.retriever == "recency" and c.data.k == 8
     with pytest.raises(UserError, match="expected TASK,MODEL"):
