@@ -42,3 +42,37 @@ def test_logged_lr_is_the_applied_lr_after_a_skip(tiny):  # noqa: F811
     np.testing.assert_allclose([float(m["lr"]) for m in ref_logs], [1.0, 0.9], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(straight.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_run_makes_up_a_skipped_step(setup, tmp_path, monkeypatch):
+    """One non-finite batch in a 3-step run: 4 batches are consumed, 3 updates applied, the last lr logged is the
+    schedule's value at count 2, and the run ends there (the schedule's end), checkpointed at step 4."""
+    import json
+
+    from percausal_jax import cli
+    from percausal_jax.training import setup as spine
+    from tests.training.common import train_args
+
+    real = spine.Run.train_step
+
+    def poisoned(self):
+        step, calls = real(self), [0]
+
+        def fn(state, frozen, ref, batch):
+            calls[0] += 1
+            if calls[0] == 2:  # the second batch carries a NaN weight: loss and gradient are not finite
+                batch = dataclasses.replace(batch, response=dataclasses.replace(
+                    batch.response, weight=batch.response.weight * jnp.nan))
+            return step(state, frozen, ref, batch)
+
+        return fn
+
+    monkeypatch.setattr(spine.Run, "train_step", poisoned)
+    model_dir, data = setup
+    work = tmp_path / "run"
+    assert cli.main(train_args(model_dir, data, work, "ce", steps=3, extra=[
+        "--config.optimizer.schedule=linear", "--config.optimizer.warmup_steps=0", "--config.optimizer.lr=0.3",
+        "--config.train.grad_accum_steps=1", "--config.data.eval="])) == 0
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["nan_skips"] for r in rows] == [0, 1, 1, 1]
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.3, 0.0, 0.2, 0.1], rtol=1e-6)  # linear 0.3 → 0 in 3
