@@ -132,7 +132,7 @@ def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
     run = setup.build(rc)
     run.eval_records, run.contriever = eval_records, contriever
     state = run.init_state()
-    ref_params = run.reference_params()  # before the steps are built: a separate reference brings its layout
+    ref_params = run.reference_params()
     iterator = run.data_iterator(train_records)
     meta = {"config": rc.source, "layout": run.layout(), "model_config": run.model_config.to_hf(),
             "model_dir": str(Path(run.model_dir).resolve()), "model_path": rc.model.path,

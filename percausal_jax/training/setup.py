@@ -56,8 +56,7 @@ class Run:
     tokenizer: Any = None
     contriever: Contriever | None = None  # data.retriever="contriever", when the records need retrieval
     eval_records: Any = None  # data.eval, read once
-    reference_graphdef: Any = None  # layout of a separate reference model (objective.<name>.reference_model)
-    _reference: Any = None
+    _reference: Any = None  # (graphdef, state) of objective.<name>.reference_model, loaded on first use
 
     @property
     def objective(self) -> Objective:
@@ -80,17 +79,28 @@ class Run:
 
     def reference_params(self):
         """The frozen reference of LossCE / NextQuill ``fixed_theta_d``, rebuilt identically on resume (None when
-        the objective has none): the model named by ``objective.<name>.reference_model`` (loaded on first use, its
-        layout in :attr:`reference_graphdef`), else the initial trainable parameters."""
+        the objective has none): the model named by ``objective.<name>.reference_model``, else the initial
+        trainable parameters."""
         if not self.objective.requirements.reference:
             return None
+        separate = self._separate_reference()
+        return jax.tree.map(jnp.copy, self.params) if separate is None else separate[1]
+
+    @property
+    def reference_graphdef(self):
+        """Layout of a separate reference model (None: the reference has the trained model's layout)."""
+        separate = self._separate_reference()
+        return None if separate is None else separate[0]
+
+    def _separate_reference(self):
+        """``(graphdef, state)`` of ``objective.<name>.reference_model``, loaded once; None when not set, and for
+        abstract runs (AOT plans use the trained model's layout as a stand-in)."""
         name = getattr(self.objective, "reference_model", "")
-        if not name:
-            return jax.tree.map(jnp.copy, self.params)
+        if not name or not self.objective.requirements.reference or self.model_dir is None:
+            return None
         if self._reference is None:
             self._reference = _load_reference(self, name)
-        self.reference_graphdef = self._reference[0]
-        return self._reference[1]
+        return self._reference
 
     def train_step(self):
         """The train step, jitted with the state donated and laid out by the one sharding recipe."""
