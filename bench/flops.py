@@ -64,7 +64,7 @@ def pass_flops(run, batch, which: str, grad: bool, req) -> float:
     from percausal_jax.objectives import Requirements
     from percausal_jax.objectives.passes import pass_outputs
 
-    head = Requirements(full_logits=req.full_logits, entropy=req.entropy)
+    head = Requirements(entropy=req.entropy)
 
     def nll(params, frozen, batch):
         model = nnx.merge(run.graphdef, params, frozen)
@@ -125,21 +125,21 @@ def main() -> None:
         shapes = f"{B}×{Lp} / {B}×{Lc} / {R}"
         t0 = time.time()
         fl = {o: flops_of(compile_train_step(run, batch)) for o, run in runs.items()}
-        extra: dict[tuple, float] = {}  # XLA FLOPs of one extra pass: (pass, backward, full logits, entropy)
+        extra: dict[tuple, float] = {}  # XLA FLOPs of one extra pass: (pass, backward, entropy)
         floors_analytic, floors_xla = {}, {}
         for o, run in runs.items():
             req = run.objective.requirements
             for which, grad in extra_passes(req):
-                key = (which, grad, req.full_logits, req.entropy)
+                key = (which, grad, req.entropy)
                 if key not in extra:
                     extra[key] = pass_flops(run, batch, which, grad, req)
             floors_analytic[o] = step_flops(mc, req, B, Lp, Lc, R) / step_flops(mc, ce_req, B, Lp, Lc, R)
-            floors_xla[o] = 1 + sum(extra[(w, g, req.full_logits, req.entropy)] for w, g in extra_passes(req)) / fl[
+            floors_xla[o] = 1 + sum(extra[(w, g, req.entropy)] for w, g in extra_passes(req)) / fl[
                 CE.name]
         print(f"[{case}] B={B} Lp={Lp} Lc={Lc} R={R}: compiled in {time.time() - t0:.0f} s; "
               + ", ".join(f"{o}={fl[o]:.4e}" for o in names) + "; extra passes "
-              + ", ".join(f"{w}{' fwd+bwd' if g else ' fwd'}{' full logits' if f else ''}{' entropy' if e else ''} "
-                          f"{v:.4e}" for (w, g, f, e), v in extra.items()), flush=True)
+              + ", ".join(f"{w}{' fwd+bwd' if g else ' fwd'}{' entropy' if e else ''} "
+                          f"{v:.4e}" for (w, g, e), v in extra.items()), flush=True)
         rows.append([case, shapes, CE.name, fl[CE.name], "1", "–", "–", "–", "–"])
         for o in names[1:]:
             meas = fl[o] / fl[CE.name]

@@ -2,8 +2,8 @@
 
 Each objective owns, in one place, everything the rest of the library needs to know about it:
 
-- ``requirements``: which passes to run (counterfactual with or without gradient, full logits, entropy, passes under
-  frozen reference parameters);
+- ``requirements``: which passes to run (counterfactual with or without gradient, their logits' contrast, entropy,
+  passes under frozen reference parameters);
 - ``__call__(passes, targets) -> Result(loss_sum, normalizer, metrics)``, where ``loss_sum`` and ``normalizer`` are
   float32 vectors of the same length T (one entry per loss term, coefficients folded into ``loss_sum``) and
 
@@ -19,6 +19,8 @@ Inputs (all at response positions, shapes ``[B, R]``), bundled in :class:`Passes
 - ``p``: personalized pass (profile + query → response), with gradient.
 - ``c``: counterfactual pass (query only → the same response ids).
 - ``ref_p`` / ``ref_c``: the same passes under frozen reference parameters (LossCE; NextQuill "fixed θ_D").
+- ``contrast``: ``log softmax(z_p − z_c)`` at the gold token, the contrast of the two passes' logits (NextQuill's
+  alignment term), computed in the same vocabulary-chunked scan as the two passes (no ``[B, R, V]``).
 - ``ids``: gold response ids; ``weight``: 1.0 on response tokens, 0.0 on padding;
   ``seq_weight = weight / tokens-in-its-sequence`` (per-sequence normalization).
 """
@@ -41,6 +43,7 @@ class Passes(NamedTuple):
     c: PassOutputs | None = None
     ref_p: PassOutputs | None = None
     ref_c: PassOutputs | None = None
+    contrast: jax.Array | None = None  # f32[B, R]
 
 
 class Targets(NamedTuple):
@@ -79,14 +82,18 @@ class Requirements:
 
     counterfactual: bool = False  # run the counterfactual pass
     counterfactual_grad: bool = False  # differentiate through it
-    full_logits: bool = False  # [B, R, V] at response positions (else chunked gold log-probs)
+    contrast: bool = False  # log softmax(z_p − z_c) at the gold token (needs the counterfactual pass)
     entropy: bool = False
     reference: tuple[str, ...] = ()  # passes to run under frozen reference parameters: "p", "c"
+
+    def __post_init__(self):
+        if (self.contrast or self.counterfactual_grad) and not self.counterfactual:
+            raise ValueError("contrast and counterfactual_grad need the counterfactual pass (counterfactual=True)")
 
     def union(self, other: Requirements) -> Requirements:
         return Requirements(counterfactual=self.counterfactual or other.counterfactual,
                             counterfactual_grad=self.counterfactual_grad or other.counterfactual_grad,
-                            full_logits=self.full_logits or other.full_logits, entropy=self.entropy or other.entropy,
+                            contrast=self.contrast or other.contrast, entropy=self.entropy or other.entropy,
                             reference=tuple(sorted(set(self.reference) | set(other.reference))))
 
 
@@ -115,6 +122,21 @@ class Objective:
         """Normalizers known from the data alone, so gradient accumulation can divide every micro-batch by the
         global value in one pass; ``None`` when a term's normalizer depends on the parameters."""
         return None
+
+    @property
+    def shared_normalizer(self) -> bool:
+        """True when every term divides by one and the same (parameter-dependent, stop-gradient) number: then
+        accumulation sums unnormalized gradients and divides once at the end, with no pre-pass."""
+        return False
+
+    @property
+    def normalizer_requirements(self) -> Requirements:
+        """The passes :meth:`normalizer` needs (a forward-only pre-pass computes exactly these)."""
+        return self.requirements
+
+    def normalizer(self, x: Passes, t: Targets) -> jax.Array:
+        """The normalizers of :meth:`__call__` from the passes :attr:`normalizer_requirements` asks for."""
+        return self(x, t).normalizer
 
     def diagnostics(self, x: Passes, t: Targets) -> dict[str, jax.Array]:
         """Per-token quantities ``[B, R]`` of this method (for ``percausal score``)."""
@@ -187,7 +209,12 @@ class NextQuill(Objective):
     ``per_sequence`` (the reference's semantics: batch 1 per device, ``compute_loss`` normalizes each sequence by
     its own Σω and its own token count): loss = mean over sequences of (L_n,s + α·L_p,s). Both terms are then
     normalized by the number of sequences, known from the data, so accumulation needs no Σω pre-pass. Default
-    (pooled): Σω over the whole global batch, so long sequences weigh more."""
+    (pooled): Σω over the whole global batch, so long sequences weigh more; with ``weighted_lp`` both terms divide
+    by that one Σω (accumulated unnormalized, divided once), else gradient accumulation runs a forward-only pre-pass
+    of gold-token probabilities for Σω (:attr:`normalizer_requirements`).
+
+    The alignment term never materializes ``[B, R, V]``: ``Passes.contrast`` comes from the vocabulary-chunked scan
+    that computes both passes' log-probs (:func:`~percausal_jax.objectives.logprobs.chunked_pair_outputs`)."""
 
     name: ClassVar[str] = "nextquill"
     delta: float = 0.05
@@ -205,12 +232,32 @@ class NextQuill(Objective):
 
     @property
     def requirements(self) -> Requirements:
-        return Requirements(counterfactual=True, counterfactual_grad=True, full_logits=True,
+        return Requirements(counterfactual=True, counterfactual_grad=True, contrast=True,
                             reference=("p", "c") if self.fixed_theta_d else ())
 
     def data_normalizer(self, t: Targets) -> jax.Array | None:
         """Per sequence: both terms divide by the number of sequences. Pooled: Σω depends on the parameters."""
         return _vec(jnp.sum(t.seq_weight), jnp.sum(t.seq_weight)) if self.per_sequence else None
+
+    @property
+    def shared_normalizer(self) -> bool:
+        """Pooled with ``weighted_lp``: loss = (Σω·nll + α·Σω·CE) / Σω, one normalizer for both terms."""
+        return self.weighted_lp and not self.per_sequence
+
+    @property
+    def normalizer_requirements(self) -> Requirements:
+        """Σω needs only the gold-token probabilities of both passes: no gradient, no contrast."""
+        return Requirements(counterfactual=True, reference=self.requirements.reference)
+
+    def normalizer(self, x: Passes, t: Targets) -> jax.Array:
+        omega = self.diagnostics(x, t)["nextquill_weight"] * t.weight
+        return self._normalizers(omega, t)
+
+    def _normalizers(self, omega: jax.Array, t: Targets) -> jax.Array:
+        """(N_n, N_p): #sequences twice (per sequence), Σω twice (weighted_lp), else Σω and the token count."""
+        if self.per_sequence:
+            return self.data_normalizer(t)
+        return _vec(jnp.sum(omega), jnp.sum(omega) if self.weighted_lp else jnp.sum(t.weight))
 
     def diagnostics(self, x: Passes, t: Targets) -> dict[str, jax.Array]:
         src_p, src_c = (x.ref_p, x.ref_c) if self.fixed_theta_d else (x.p, x.c)
@@ -222,21 +269,14 @@ class NextQuill(Objective):
         dce = d["dce"]
         weight, nll = t.weight, -x.p.logp
         omega = d["nextquill_weight"] * weight
-        diff = x.p.logits - x.c.logits  # [B, R, V]
-        gold = jnp.take_along_axis(diff, t.ids[..., None], axis=-1)[..., 0]
-        ce_diff = jax.nn.logsumexp(diff, axis=-1) - gold
+        ce_diff = -x.contrast  # CE(z_h − z_0, y)
         if self.per_sequence:  # each sequence: its own Σω and token count; the batch averages sequences
-            coef = omega / jnp.maximum(t.sequence_total(omega), 1e-12)
-            n_seq = jnp.sum(t.seq_weight)
-            lp_coef = coef if self.weighted_lp else t.seq_weight
-            ln_sum, ln_norm, lp_sum, lp_norm = jnp.sum(coef * nll), n_seq, jnp.sum(lp_coef * ce_diff), n_seq
-        elif self.weighted_lp:
-            ln_sum, ln_norm, lp_sum, lp_norm = jnp.sum(omega * nll), jnp.sum(omega), jnp.sum(omega * ce_diff), \
-                jnp.sum(omega)
+            n_coef = omega / jnp.maximum(t.sequence_total(omega), 1e-12)
+            p_coef = n_coef if self.weighted_lp else t.seq_weight
         else:
-            ln_sum, ln_norm, lp_sum, lp_norm = jnp.sum(omega * nll), jnp.sum(omega), jnp.sum(weight * ce_diff), \
-                jnp.sum(weight)
-        return Result(_vec(ln_sum, self.alpha * lp_sum), _vec(ln_norm, lp_norm), {
+            n_coef, p_coef = omega, omega if self.weighted_lp else weight
+        return Result(_vec(jnp.sum(n_coef * nll), self.alpha * jnp.sum(p_coef * ce_diff)),
+                      self._normalizers(omega, t), {
             "tokens": jnp.sum(weight),
             "nll_sum": jnp.sum(weight * nll),
             "dce_sum": jnp.sum(weight * dce),

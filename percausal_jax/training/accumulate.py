@@ -30,23 +30,25 @@ def split_micro(batch, k: int):
 def accumulate(grad_fn: GradFn, params, micro, normalizer: jax.Array | None):
     """Sums ``grad_fn`` over the leading (micro-batch) axis of ``micro`` with one ``normalizer`` for all of them.
 
-    Returns ``(loss, grads, metrics, normalizer)``: the loss of the whole batch, its gradient, summed metrics, and
-    the normalizer used. ``normalizer=None`` is allowed for one micro-batch only (the objective's own, from the
-    forward pass)."""
+    Returns ``(loss, grads, metrics, normalizer)``: the loss of the whole batch, its gradient, and the sums over
+    micro-batches of the metrics and of the objective's own normalizers (equal to ``normalizer`` when that is the
+    global one; the divisor of a deferred normalization when ``normalizer`` is ones). ``normalizer=None`` is allowed
+    for one micro-batch only (the objective's own, from the forward pass)."""
     k = jax.tree.leaves(micro)[0].shape[0]
     if k == 1:
         (loss, res), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro), normalizer)
-        return loss, grads, res.metrics, res.normalizer if normalizer is None else normalizer
+        return loss, grads, res.metrics, res.normalizer
     if normalizer is None:
         raise ValueError("accumulating over several micro-batches needs the global normalizer")
 
     def body(acc, mb):
         (loss, res), grads = grad_fn(params, mb, normalizer)
-        return jax.tree.map(jnp.add, acc, (loss, grads, res.metrics)), None
+        return jax.tree.map(jnp.add, acc, (loss, grads, res.metrics, res.normalizer)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     (_, res_shape), _ = jax.eval_shape(grad_fn, params, first, normalizer)
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
     init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),  # gradients: shaped as params
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), res_shape.metrics))
-    (loss, grads, metrics), _ = jax.lax.scan(body, init, micro)
-    return loss, grads, metrics, normalizer
+            zeros(res_shape.metrics), zeros(res_shape.normalizer))
+    (loss, grads, metrics, norm), _ = jax.lax.scan(body, init, micro)
+    return loss, grads, metrics, norm

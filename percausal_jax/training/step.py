@@ -4,8 +4,11 @@
 a :class:`~percausal_jax.data.pairing.PairedBatch` whose leading axis is the global batch. With
 ``grad_accum_steps = k`` it is split into k micro-batches and :func:`~percausal_jax.training.accumulate.accumulate`
 sums gradients of Σ_t loss_sum_t / N_t, where N_t are the **global** normalizers of the whole optimizer step: taken
-from the data when the objective knows them (``Objective.data_normalizer``), else summed in a forward-only pre-pass
-(NextQuill's Σω). The result equals one step on the whole batch, not a mean of means.
+from the data when the objective knows them (``Objective.data_normalizer``); when every term shares one
+parameter-dependent normalizer (``Objective.shared_normalizer``), the unnormalized gradients are summed and divided
+once by the summed normalizer; else N_t are summed in a forward-only pre-pass of just the passes they need
+(``Objective.normalizer_requirements``: NextQuill's Σω needs gold-token probabilities, no gradient, no contrast).
+The result equals one step on the whole batch, not a mean of means.
 
 State shardings have one recipe (:func:`state_shardings`), used for a concrete state (:func:`init_state`), an
 abstract one (:func:`abstract_state`, AOT and benchmarks) and the jitted step's outputs.
@@ -21,7 +24,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from percausal_jax.objectives import Objective, Result, Targets, evaluate
+from percausal_jax.objectives import Objective, Result, Targets, compute_passes, evaluate
 from percausal_jax.training.accumulate import accumulate, split_micro
 
 
@@ -48,22 +51,35 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, obj
     needs_ref = bool(objective.requirements.reference)
     k = grad_accum_steps
 
-    def run(params, frozen, ref_params, mb) -> Result:
+    def models(params, frozen, ref_params):
         model = nnx.merge(graphdef, params, frozen)
-        ref = reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
-        return evaluate(objective, model, mb, ref, chunk_size)
+        return model, reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
+
+    def normalizer(params, frozen, ref_params, mb) -> jax.Array:
+        """Forward-only: the objective's normalizers of one micro-batch from just the passes they need."""
+        model, ref = models(params, frozen, ref_params)
+        passes = compute_passes(model, mb, objective.normalizer_requirements, chunk_size, ref)
+        return objective.normalizer(passes, Targets.of(mb))
 
     def train_step(state: TrainState, frozen, ref_params, batch):
         def loss_fn(params, mb, norm):
-            res = run(params, frozen, ref_params, mb)
+            model, ref = models(params, frozen, ref_params)
+            res = evaluate(objective, model, mb, ref, chunk_size)
             denom = jax.lax.stop_gradient(res.normalizer if norm is None else norm)
             return jnp.sum(res.loss_sum / jnp.maximum(denom, 1e-12)), res
 
         micro = split_micro(batch, k)
         norm = objective.data_normalizer(Targets.of(micro))
-        if norm is None and k > 1:  # parameter-dependent normalizer: forward-only pre-pass over the micro-batches
-            norm = jax.lax.map(lambda mb: run(state.params, frozen, ref_params, mb).normalizer, micro).sum(0)
+        deferred = norm is None and k > 1 and objective.shared_normalizer
+        if deferred:  # one shared normalizer: sum unnormalized gradients, divide once by the summed normalizer
+            shape = jax.eval_shape(normalizer, state.params, frozen, ref_params, jax.tree.map(lambda x: x[0], micro))
+            norm = jnp.ones(shape.shape, shape.dtype)
+        elif norm is None and k > 1:  # several normalizers, parameter-dependent: forward-only pre-pass
+            norm = jax.lax.map(lambda mb: normalizer(state.params, frozen, ref_params, mb), micro).sum(0)
         loss, grads, metrics, norm = accumulate(jax.value_and_grad(loss_fn, has_aux=True), state.params, micro, norm)
+        if deferred:
+            scale = 1.0 / jnp.maximum(norm[0], 1e-12)
+            loss, grads = loss * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)

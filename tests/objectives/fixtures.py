@@ -3,6 +3,7 @@
 Shapes: B=2 sequences, R=3 response slots, V=4; slot (1, 2) is padding (weight 0).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,23 +97,34 @@ def po(z, ids=IDS, with_entropy=False):
     return outputs_from_logits(jnp.asarray(z, jnp.float32), jnp.asarray(ids), with_entropy=with_entropy)
 
 
+def contrast(zp, zc, ids=IDS):
+    """log softmax(z_p − z_c) at the gold token (jnp, differentiable): ``Passes.contrast`` from full logits."""
+    d = jnp.asarray(zp, jnp.float32) - jnp.asarray(zc, jnp.float32)
+    return jnp.take_along_axis(jax.nn.log_softmax(d, axis=-1), jnp.asarray(ids)[..., None], axis=-1)[..., 0]
+
+
+def two_passes(zp, zc, ref_p=None, ref_c=None, ids=IDS):
+    """Personalized and counterfactual passes from full logits, with their contrast (what NextQuill reads)."""
+    return losses.Passes(po(zp, ids), po(zc, ids), ref_p, ref_c, contrast(zp, zc, ids))
+
+
 def all_passes():
-    """Every pass the objectives can ask for, each with entropy and full logits (ZP_L / ZC / ZR / ZC as the
-    personalized / counterfactual / reference passes); :func:`restrict` keeps what a ``Requirements`` asks."""
+    """Every pass the objectives can ask for, each with entropy (ZP_L / ZC / ZR / ZC_NQ as the personalized /
+    counterfactual / reference passes) and the contrast; :func:`restrict` keeps what a ``Requirements`` asks."""
     return losses.Passes(po(ZP_L, with_entropy=True), po(ZC, with_entropy=True), ref_p=po(ZR, with_entropy=True),
-                         ref_c=po(ZC_NQ, with_entropy=True))
+                         ref_c=po(ZC_NQ, with_entropy=True), contrast=contrast(ZP_L, ZC))
 
 
 def restrict(x, req):
-    """The passes ``compute_passes`` would produce under ``req``: absent passes are None, and each present pass has
-    logits only with ``full_logits`` and entropy only with ``entropy``."""
+    """The passes ``compute_passes`` would produce under ``req``: absent passes are None, each present pass has
+    entropy only with ``entropy``, and the contrast is there only with ``contrast``."""
     def keep(out):
-        return out._replace(logits=out.logits if req.full_logits else None,
-                            entropy=out.entropy if req.entropy else None)
+        return out._replace(entropy=out.entropy if req.entropy else None)
 
     return losses.Passes(keep(x.p), keep(x.c) if req.counterfactual else None,
                          keep(x.ref_p) if "p" in req.reference else None,
-                         keep(x.ref_c) if "c" in req.reference else None)
+                         keep(x.ref_c) if "c" in req.reference else None,
+                         x.contrast if req.contrast else None)
 
 
 def check_result(r, loss_sum, normalizer, metrics):

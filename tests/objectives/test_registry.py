@@ -293,8 +293,9 @@ CASES = [CE(), CE(per_sequence=True), PerCE(), NextQuill(), NextQuill(weighted_l
 
 def weaker(req: Requirements) -> list[Requirements]:
     """``req`` with one of the passes (or one part of a pass) it asks for withheld."""
-    out = [dataclasses.replace(req, **{f: False}) for f in ("counterfactual", "full_logits", "entropy")
-           if getattr(req, f)]
+    out = [dataclasses.replace(req, **{f: False}) for f in ("contrast", "entropy") if getattr(req, f)]
+    if req.counterfactual:  # withholding the pass withholds everything made of it
+        out.append(dataclasses.replace(req, counterfactual=False, counterfactual_grad=False, contrast=False))
     return out + [dataclasses.replace(req, reference=tuple(r for r in req.reference if r != p)) for p in req.reference]
 
 
@@ -336,7 +337,7 @@ def test_counterfactual_grad_iff_the_loss_differentiates_it(obj):
     x_all, t = fixtures.all_passes(), fixtures.targets()
 
     def loss(zc):
-        x = x_all._replace(c=fixtures.po(zc, with_entropy=True))
+        x = x_all._replace(c=fixtures.po(zc, with_entropy=True), contrast=fixtures.contrast(fixtures.ZP_L, zc))
         return losses.total_loss(obj(fixtures.restrict(x, obj.requirements), t))
 
     g = np.asarray(jax.grad(loss)(jnp.asarray(fixtures.ZC)))
@@ -357,8 +358,8 @@ def test_compute_passes_runs_what_requirements_ask(model, ref_model, batch, obj)
         assert (out is not None) == wanted, field
         if out is not None:
             assert out.logp.shape == (B, R) and out.logp.dtype == jnp.float32, field
-            assert (out.logits.shape == (B, R, V)) if req.full_logits else (out.logits is None), field
             assert (out.entropy.shape == (B, R)) if req.entropy else (out.entropy is None), field
+    assert (x.contrast.shape == (B, R)) if req.contrast else (x.contrast is None)
     # and the objective runs on them
     r = jax.eval_shape(obj, x, Targets.of(batch))
     assert r.loss_sum.shape == r.normalizer.shape
@@ -392,10 +393,10 @@ def test_missing_ref_model_raises(plain_model, identical_batch, obj):
 
 @pytest.fixture(scope="module")
 def passes_results(model, softcap_model, batch):
-    """compute_passes on the 2-example batch (chunked, full logits, chunked under a softcap model) and on a packed
+    """compute_passes on the 2-example batch (chunked, with the contrast, both under a softcap model) and on a packed
     batch, all in one jitted function."""
     chunked = Requirements(counterfactual=True, entropy=True)
-    full = Requirements(counterfactual=True, full_logits=True, entropy=True)
+    pair = Requirements(counterfactual=True, contrast=True, entropy=True)
     packed = collate([[EX1, EX3], [EX2]], personal_len=16, counterfactual_len=12, response_len=7)
     graphdef, state = nnx.split(model)
     graphdef_sc = nnx.split(softcap_model)[0]
@@ -403,18 +404,21 @@ def passes_results(model, softcap_model, batch):
     def f(st, b, pb):
         m, m_sc = nnx.merge(graphdef, st), nnx.merge(graphdef_sc, st)
         return {"chunked": compute_passes(m, b, chunked, chunk_size=CHUNK),
-                "full": compute_passes(m, b, full, chunk_size=CHUNK),
+                "contrast": compute_passes(m, b, pair, chunk_size=CHUNK),
                 "softcap": compute_passes(m_sc, b, chunked, chunk_size=CHUNK),
+                "softcap_contrast": compute_passes(m_sc, b, pair, chunk_size=CHUNK),
                 "packed": compute_passes(m, pb, Requirements(counterfactual=True), chunk_size=CHUNK)}
 
     return jax.tree.map(np.asarray, fast_jit(f)(state, batch, packed))
 
 
-@pytest.mark.parametrize("variant", ["chunked", "full", "softcap"])
+@pytest.mark.parametrize("variant", ["chunked", "contrast", "softcap", "softcap_contrast"])
 def test_compute_passes_matches_direct_logits(model, passes_results, variant):
+    """Gold log-probs, entropy and (when asked) log softmax(z_p − z_c)[y] equal those of the full logits, also under
+    a soft-capped head (the contrast is then of the capped logits: not a linear function of the hidden states)."""
     passes = passes_results[variant]
     d = direct(model, [EX1, EX2])
-    if variant == "softcap":
+    if variant.startswith("softcap"):
         assert np.abs(d[0][0]).max() > 4.0  # the cap (2.0) is active
         d = [(2.0 * np.tanh(zp / 2.0), 2.0 * np.tanh(zc / 2.0), ids) for zp, zc, ids in d]
     assert np.all(np.isfinite(passes.p.logp)) and np.all(np.isfinite(passes.c.logp))
@@ -424,11 +428,10 @@ def test_compute_passes_matches_direct_logits(model, passes_results, variant):
         np.testing.assert_allclose(passes.c.logp[b, :n], gold_logp(zc, ids), **TOL)
         np.testing.assert_allclose(passes.p.entropy[b, :n], entropy(zp), **TOL)
         np.testing.assert_allclose(passes.c.entropy[b, :n], entropy(zc), **TOL)
-        if variant == "full":
-            np.testing.assert_allclose(passes.p.logits[b, :n], zp, **TOL)
-            np.testing.assert_allclose(passes.c.logits[b, :n], zc, **TOL)
+        if variant.endswith("contrast"):
+            np.testing.assert_allclose(passes.contrast[b, :n], gold_logp(zp - zc, ids), **TOL)
         else:
-            assert passes.p.logits is None
+            assert passes.contrast is None
         # personal and counterfactual contexts differ -> the check is not trivially symmetric
         assert np.abs(gold_logp(zp, ids) - gold_logp(zc, ids)).max() > 1e-2
 

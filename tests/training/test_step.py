@@ -111,14 +111,26 @@ def test_one_sgd_step_matches_pytorch(tiny, objective):
     assert moved > 1e-4  # the step really changed the weights
 
 
-@pytest.mark.parametrize("objective", ["ce", "perce", "nextquill", "lossce", "entce"])
-def test_grad_accumulation_equals_full_batch(tiny, objective):
+def _objective_config(objective, **fields):
+    cfg = default_config()
+    for key, value in fields.items():
+        setattr(cfg[objective], key, value)
+    return cfg
+
+
+# NextQuill's three accumulation paths: pooled (Σω and the token count: forward-only pre-pass of gold-token
+# probabilities), weighted_lp (one shared Σω: unnormalized gradients divided once), per_sequence (data normalizer)
+@pytest.mark.parametrize("objective,fields", [
+    ("ce", {}), ("perce", {}), ("nextquill", {}), ("nextquill", {"weighted_lp": True}),
+    ("nextquill", {"per_sequence": True}), ("lossce", {}), ("entce", {})], ids=lambda v: str(v) if v else "default")
+def test_grad_accumulation_equals_full_batch(tiny, objective, fields):
     d, _ = tiny
     batch = _batch(_examples(8, seed=3))
-    full, m1, _ = _sgd_step(d, objective, batch, k=1)
-    acc, m4, _ = _sgd_step(d, objective, batch, k=4)
+    full, m1, _ = _sgd_step(d, objective, batch, k=1, obj_cfg=_objective_config(objective, **fields))
+    acc, m4, _ = _sgd_step(d, objective, batch, k=4, obj_cfg=_objective_config(objective, **fields))
     if objective not in ("lossce", "entce"):  # batch-relative by design: top-k% / mean entropy per micro-batch
         assert float(m4["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
+        assert float(m4["normalizer"]) == pytest.approx(float(m1["normalizer"]), rel=1e-6)
         for a, b in zip(jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(acc))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert float(m4["normalizer"]) > 0
