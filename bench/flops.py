@@ -9,8 +9,8 @@ Two versions of each floor are reported:
 - "analytic": ``percausal_jax.training.flops.step_flops`` (matmuls + dense attention + LM head at response
   positions, backward = 2× forward) over its value for CE;
 - "xla": the same pieces compiled and counted by XLA (each extra pass jitted on its own, forward or value_and_grad
-  of a CE loss on it, with the head the objective uses: the chunked gold log-prob head, or full logits at response
-  positions for NextQuill; denominator = the compiled CE train step). Same counting conventions as the measured
+  of a CE loss on it, with the chunked gold log-prob head; NextQuill's contrast comes from the same chunks;
+  denominator = the compiled CE train step). Same counting conventions as the measured
   numbers, so ratio ÷ floor_xla isolates waste.
 
 ``scan_layers=False`` so XLA's cost analysis counts every layer (with scan it counts the loop body once), and the
@@ -56,7 +56,7 @@ def extra_passes(req) -> list[tuple[str, bool]]:
 
 def pass_flops(run, batch, which: str, grad: bool, req) -> float:
     """XLA-counted forward (``grad``: forward and backward) of one pass (``personal`` / ``counterfactual``) of a CE
-    loss with the head ``req`` asks for (chunked gold log-probs, or full logits at response positions; entropy)."""
+    loss with the chunked gold log-prob head (with entropy when ``req`` asks for it)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -176,9 +176,9 @@ def main() -> None:
         "XLA's own counting on both sides; the analytic floor counts matmuls and attention only, no norms, RoPE, "
         "softmax or optimizer, hence ratio ÷ analytic floor slightly below 1). PerCE costs exactly CE + one "
         "forward of the counterfactual pass (no backward through it, no extra head work); NextQuill costs "
-        "exactly CE + forward and backward of the counterfactual pass: its full logits exist only at the B·R "
-        "response positions (never [B, L, V]), and its alignment term (logsumexp of z_h − z_0 over V) adds "
-        "only elementwise work (< 0.1% here)."),
+        "exactly CE + forward and backward of the counterfactual pass: its logits exist one vocabulary chunk at "
+        "a time at the B·R response positions (never [B, R, V]), and its alignment term (logsumexp of z_h − z_0 "
+        "over V, from the same chunks) adds only elementwise work (< 0.1% here)."),
         "",
         ("Caveats: the head runs as one vocabulary chunk here because XLA counts a `lax.scan` body once (with the "
         "default chunk 8192 and V = 32000 the counted FLOPs of the head drop ~4×, an accounting artifact, not a "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("aot", help="compile the train step for a TPU topology and report memory and FLOPs")
     p.add_argument("--config", required=True)

@@ -10,6 +10,7 @@ from ``model.path``'s ``config.json`` (local, gs:// or hub), else from the bundl
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -45,6 +46,7 @@ class Plan:
     model_flops_per_chip: float  # analytic: matmuls + attention of the passes the objective runs
     mfu: float
     peak_flops: float
+    compile_seconds: float = 0.0  # wall time of lower + compile on this machine
 
     @property
     def peak_bytes(self) -> int:
@@ -70,6 +72,7 @@ class Plan:
             f"model FLOPs per chip per step {self.model_flops_per_chip:.3e} (XLA cost analysis: "
             f"{self.flops_per_chip:.3e}, a scanned layer counted once); at {self.mfu:.0%} MFU "
             f"({self.peak_flops / 1e12:.0f} TFLOP/s peak) a step takes {self.step_seconds:.2f} s",
+            f"lowered and compiled in {self.compile_seconds:.1f} s",
         ]
         return "\n".join(lines)
 
@@ -110,12 +113,15 @@ def plan(rc: RunConfig, model_config: ModelConfig, topology: str, *, mfu: float 
     batch = PairedBatch.spec(B, Lp, Lc, R, sharding=NamedSharding(run.mesh, PartitionSpec(("data", "fsdp"))))
     ref = run.params if rc.objective.requirements.reference else None
     step_fn, state = run.train_step(), run.abstract_state()  # outside the TPU mesh: optax probes eagerly on CPU
+    t0 = time.perf_counter()
     with jax.set_mesh(run.mesh):
         compiled = step_fn.lower(state, run.frozen, ref, batch).compile()
+    seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return Plan(topology, len(devices), dict(zip(MESH_AXES, run.mesh.devices.shape)), {"personal": Lp,
                 "counterfactual": Lc, "response": R, "batch": B}, mem.argument_size_in_bytes,
                 mem.temp_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, hbm,
-                float(cost.get("flops", 0.0)), run.step_flops(B, Lp, Lc, R) / len(devices), mfu, peak)
+                float(cost.get("flops", 0.0)), run.step_flops(B, Lp, Lc, R) / len(devices), mfu, peak,
+                seconds)

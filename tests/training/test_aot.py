@@ -34,6 +34,7 @@ def test_tiny_config_compiles_for_a_small_tpu_topology(setup):
     assert p.chips == 4 and p.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
     assert p.fits and 0 < p.peak_bytes < p.hbm_bytes and p.flops_per_chip > 0
     assert "FITS" in p.report()
+    assert p.compile_seconds > 0 and f"compiled in {p.compile_seconds:.1f} s" in p.report()
 
 
 HIDE_LIBTPU = """
