@@ -230,3 +230,109 @@ def peak_bytes(compiled) -> int | None:
 
 def gib(b: float) -> str:
     return f"{b / 2**30:.3f}"
+
+
+# ------------------------------------------------------------------------- a large-vocabulary HF model directory
+
+# Qwen2.5-0.5B's architecture (config.json of Qwen/Qwen2.5-0.5B): qwen2 = q/k/v projections with bias, tied
+# embeddings, 151,936-token vocabulary. Only the depth is a parameter of the benches (2-core budgets).
+QWEN25_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, head_dim=64, intermediate_size=4864,
+                  vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                  max_position_embeddings=32768, hidden_act="silu", num_hidden_layers=24)
+
+
+def qwen25_shape_dir(out_dir, layers: int, seed: int = 0, tokenizer_from: str = "embedded") -> Path:
+    """A randomly initialized Hugging Face model directory (safetensors, fp32) with Qwen2.5-0.5B's shape and
+    ``layers`` decoder layers (``AutoModelForCausalLM.from_config``, torch seed ``seed``), plus the tokenizer of
+    ``tokenizer_from`` (default: the embedded SmolLM2's, whose 49,152 ids all lie inside the 151,936-row embedding;
+    the random prompts of the benches need a tokenizer only to turn their texts into ids). Both sides load these
+    same weights: ours through the HF import (``model.path``), the PyTorch reference with ``from_pretrained``.
+    Idempotent: an existing directory with the same ``layers`` and ``seed`` (``bench_shape.json``) is reused."""
+    import json
+    import shutil
+
+    out = Path(out_dir)
+    stamp = {"shape": "Qwen2.5-0.5B", "layers": layers, "seed": seed, "tokenizer_from": tokenizer_from}
+    if (out / "bench_shape.json").exists() and json.loads((out / "bench_shape.json").read_text()) == stamp:
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from percausal_jax.hf.checkpoint import resolve_model_dir
+    from percausal_jax.hf.gguf import resolve_model_arg
+
+    tok_dir = resolve_model_dir(resolve_model_arg(tokenizer_from)).local
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    config = AutoConfig.for_model("qwen2", **{**QWEN25_05B, "num_hidden_layers": layers}, **ids,
+                                  use_sliding_window=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    for extra in ("chat_template.jinja",):
+        if (Path(tok_dir) / extra).exists() and not (out / extra).exists():
+            shutil.copy(Path(tok_dir) / extra, out / extra)
+    (out / "bench_shape.json").write_text(json.dumps(stamp))
+    del model
+    return out
+
+
+def bench_cache(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/percausal/bench/<parts>`` (default ``~/.cache``): model directories the benches build."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "percausal" / "bench"
+    return root.joinpath(*parts)
+
+
+def qwen25_shape_model(layers: int, seed: int = 0) -> Path:
+    """:func:`qwen25_shape_dir` in the bench cache (built once per depth and seed)."""
+    return qwen25_shape_dir(bench_cache(f"qwen2.5-0.5b-shape-{layers}l-seed{seed}"), layers, seed)
+
+
+# ------------------------------------------------------------------------------------------- batches → examples
+
+
+def unpack(batch) -> list:
+    """The :class:`~percausal_jax.data.pairing.PairedExample`\\ s of a host ``PairedBatch`` (packed or not), row by
+    row and segment by segment: the inverse of ``pairing.collate``, so a reference can run exactly the examples a
+    pipeline batch holds."""
+    from percausal_jax.data.pairing import PairedExample
+
+    p, c, r = batch.personal, batch.counterfactual, batch.response
+    out = []
+    for b in range(r.ids.shape[0]):
+        real = np.asarray(r.weight[b]) > 0
+        for seg in sorted(set(np.asarray(r.segment_ids[b])[real].tolist())):
+            ids = np.asarray(r.ids[b])[real & (np.asarray(r.segment_ids[b]) == seg)]
+            n = len(ids)
+            ps = np.asarray(p.tokens[b])[np.asarray(p.segment_ids[b]) == seg]
+            cs = np.asarray(c.tokens[b])[np.asarray(c.segment_ids[b]) == seg]
+            out.append(PairedExample(tuple(ps[:len(ps) - n + 1].tolist()), tuple(cs[:len(cs) - n + 1].tolist()),
+                                     tuple(ids.tolist())))
+    return out
+
+
+def real_tokens(batch) -> tuple[int, int]:
+    """(personal, counterfactual) non-padding tokens of a ``PairedBatch``."""
+    return int((np.asarray(batch.personal.segment_ids) != 0).sum()), \
+        int((np.asarray(batch.counterfactual.segment_ids) != 0).sum())
+
+
+# ------------------------------------------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

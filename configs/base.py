@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.truncate_response = True  # over max_response_len: keep the first tokens, without EOS (False = drop)
     c.data.budget_mode = "drop"  # drop | truncate (profile items)
     c.data.packing = False
+    # packing: every batch is (B, pack_*_len) rows, one compiled shape; 0 = the longest admissible example rounded up
+    # to bucket_multiple (both sequences: max_prompt_len + max_response_len - 1; responses: max_response_len). Longer
+    # rows hold more examples and pad less (LongLaMP lengths: 8192 / 2560 / 1792 pad ~9%, bench/packing.py)
+    c.data.pack_personal_len = 0
+    c.data.pack_counterfactual_len = 0
+    c.data.pack_response_len = 0
+    c.data.pack_lookahead = 64  # examples kept pending for first-fit-decreasing placement (0 = first fit in order)
     c.data.bucket_multiple = 64
     c.data.separator = "\n"  # ends both prompts of canonical records with template none ("" = glued)
     c.data.enable_thinking = False  # passed to chat templates (Qwen3: False = the empty think block)

@@ -136,9 +136,19 @@ class DataSpec:
     truncate_response: bool
     budget_mode: str
     packing: bool
+    pack_personal_len: int  # packed row capacities (0 = derived); checked against the length limits here
+    pack_counterfactual_len: int
+    pack_response_len: int
+    pack_lookahead: int
     bucket_multiple: int
     separator: str
     enable_thinking: bool
+
+    def __post_init__(self):
+        from percausal_jax.data.pipeline import check_packing  # UserErrors name data.pack_*
+
+        check_packing(self.max_prompt_len, self.max_response_len, self.pack_personal_len,
+                      self.pack_counterfactual_len, self.pack_response_len, self.pack_lookahead)
 
     def featurize(self, seed: int):
         """The featurizer's settings (validated there)."""
@@ -209,7 +219,9 @@ class MeshSpec:
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "optimizer": OptimizerSpec,
             "lora": LoraSpec, "checkpoint": CheckpointSpec, "mesh": MeshSpec}
 CHOICES = {"train.nan_policy": ("skip", "fail"), "model.dtype": ("float32", "bfloat16", "float16"),
-           "model.compute_dtype": ("float32", "bfloat16", "float16")}
+           "model.compute_dtype": ("float32", "bfloat16", "float16"),
+           # as models.layers.ATTENTION_IMPLEMENTATIONS (not imported: this module stays free of jax)
+           "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "splash")}
 
 
 @dataclasses.dataclass(frozen=True)

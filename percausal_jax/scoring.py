@@ -33,7 +33,7 @@ def output_keys(objectives: Sequence[Objective]) -> tuple[str, ...]:
     from percausal_jax.objectives.logprobs import PassOutputs
 
     one = np.zeros((1, 1), np.float32)
-    x = Passes(*[PassOutputs(one, one, np.zeros((1, 1, 2), np.float32))] * 2)
+    x = Passes(*[PassOutputs(one, one)] * 2, contrast=one)
     t = Targets(np.zeros((1, 1), np.int32), one + 1, one + 1)
     keys = ["logp_personal", "logp_counterfactual"]
     for o in objectives:

@@ -9,19 +9,36 @@
       → .to_iter_dataset(ReadOptions) [→ .mp_prefetch(workers)]    featurization in threads / worker processes
       → PairedBatchIterator                                        skip+count drops, batch, pack, bucket, collate
 
-The last stage keeps its state tiny: the parent's state (``{"next_index": i}`` without workers) plus the running
-statistics. Packing is greedy first-fit into ``per_process_batch_size`` rows; an example that fits no row closes the
-batch and is *re-read* after a restore (the state saved is the parent's state from before that example), so
-``get_state``/``set_state`` round-trip exactly into a fresh iterator, also through Orbax
-(``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``).
+Static shapes, two ways:
 
-Static shapes by length bucketing: each batch is padded to the smallest boundary that fits, separately for the
-personal sequences ``Lp``, the counterfactual sequences ``Lc`` and the response slots ``R``, so only a few shapes
-are ever compiled (at most the product of the three boundary counts). Without packing a batch always has
-``per_process_batch_size`` rows; a finite pipeline's last batch is filled with empty rows (all padding: segment
-ids 0, weights 0), so shapes stay static and every example is seen. Note for multi-host training with a finite
-``num_epochs``: shards can differ by one example and drops differ per process, so hosts may see different numbers
-of batches; train with ``num_epochs=None`` and a step count.
+- **Bucketing** (``packing=False``): one example per row; each batch is padded to the smallest boundary that fits,
+  separately for the personal sequences ``Lp``, the counterfactual sequences ``Lc`` and the response slots ``R``,
+  so only a few shapes are ever compiled (at most the product of the three boundary counts). A batch always has
+  ``per_process_batch_size`` rows; a finite pipeline's last batch is filled with empty rows (all padding: segment
+  ids 0, weights 0), so shapes stay static and every example is seen.
+- **Packing** (``packing=True``): several examples per row, and every batch has exactly the row capacity shape
+  ``(B, pack_personal_len)``, ``(B, pack_counterfactual_len)``, ``(B, pack_response_len)``: one compiled shape. A
+  capacity of 0 is derived: the largest bucket boundary, i.e. the longest example the length limits admit rounded
+  up to ``bucket_multiple`` (``max_prompt_len + max_response_len − 1`` for both sequences, ``max_response_len``
+  for responses); an explicit one must be at least that longest example (:func:`check_packing`). Rows longer than
+  one example (e.g. 8192 personal tokens) are what lets packing approach zero padding.
+
+  Placement is first-fit-decreasing with lookahead: a pool of up to ``pack_lookahead`` examples read but not yet
+  placed is kept; the pool's examples are placed largest first (largest share of a row's capacity over the three
+  arrays; ties in reading order) into the first of the B rows with room in all three arrays, the pool is topped up
+  and placement repeats; an example that fits no row stays in the pool for the next batch, and the batch closes when
+  none of the pool's examples fits anywhere and the pool is full (or the source is exhausted).
+  ``pack_lookahead=0`` is plain first fit in reading order, closing the batch at the first example that fits no
+  row (that example opens the next batch).
+
+The last stage's state is the parent's state after the last example read (``{"next_index": i}`` without workers),
+the pending pool itself (token id lists as JSON ints, so a restore never re-reads) and the running statistics, so
+``get_state``/``set_state`` round-trip exactly into a fresh iterator, also through Orbax
+(``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``). The pool makes a packed state ~2 MB per
+process at LongLaMP lengths (64 examples of ~1.4k ids, one id per line in Grain's indented JSON).
+
+Note for multi-host training with a finite ``num_epochs``: shards can differ by one example and drops differ per
+process, so hosts may see different numbers of batches; train with ``num_epochs=None`` and a step count.
 """
 
 from __future__ import annotations
@@ -37,7 +54,7 @@ import grain
 
 from percausal_jax import storage
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, FeaturizeStats, Featurizer, Kept
-from percausal_jax.data.pairing import PairedBatch, PairedExample, collate
+from percausal_jax.data.pairing import PairedBatch, PairedExample, collate, shape_of
 from percausal_jax.data.records import (SkipReport, detect_kind, read_records, validate_canonical, validate_prompt,
                                         validate_trl)
 from percausal_jax.data.retrieval import Contriever
@@ -116,7 +133,7 @@ def boundaries(max_len: int, multiple: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """Allowed padded lengths per array, ascending; the largest is also the packing row capacity."""
+    """Allowed padded lengths per array, ascending; the largest is also the derived packing row capacity."""
 
     personal: tuple[int, ...]
     counterfactual: tuple[int, ...]
@@ -149,6 +166,52 @@ class Buckets:
         return self.personal[-1], self.counterfactual[-1], self.response[-1]
 
 
+DEFAULT_LOOKAHEAD = 64
+PACK_KEYS = ("data.pack_personal_len", "data.pack_counterfactual_len", "data.pack_response_len")
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Packed rows: the capacity of one row per array (every packed batch has exactly this shape) and the number of
+    examples kept pending for first-fit-decreasing placement (0 = first fit in reading order)."""
+
+    personal: int
+    counterfactual: int
+    response: int
+    lookahead: int = DEFAULT_LOOKAHEAD
+
+    @property
+    def capacity(self) -> tuple[int, int, int]:
+        return self.personal, self.counterfactual, self.response
+
+    @classmethod
+    def derive(cls, fcfg: FeaturizeConfig, buckets: Buckets, personal: int = 0, counterfactual: int = 0,
+               response: int = 0, lookahead: int = DEFAULT_LOOKAHEAD) -> Packing:
+        """The given capacities (checked by :func:`check_packing`), each 0 replaced by the largest bucket
+        boundary of its array (the longest admissible example, rounded up to the bucket multiple)."""
+        p, r = _maxima(fcfg)
+        check_packing(p, r, personal, counterfactual, response, lookahead)
+        given = (personal, counterfactual, response)
+        return cls(*(n or derived for n, derived in zip(given, buckets.capacity)), lookahead=lookahead)
+
+
+def check_packing(max_prompt_len: int, max_response_len: int, personal: int = 0, counterfactual: int = 0,
+                  response: int = 0, lookahead: int = 0) -> None:
+    """Each packed row capacity must be 0 (derived) or hold the longest example the length limits admit:
+    ``max_prompt_len + max_response_len − 1`` tokens for both sequences (a profile-free prompt may be as long as
+    ``max_prompt_len``), ``max_response_len`` response slots. UserErrors name the ``data.*`` key."""
+    needs = (max_prompt_len + max_response_len - 1,) * 2 + (max_response_len,)
+    for key, value, need in zip(PACK_KEYS, (personal, counterfactual, response), needs):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{key}={value!r}: expected 0 (derive from the length limits) or an integer >= {need}")
+        if 0 < value < need:
+            raise UserError(f"{key}={value}: a packed row must hold the longest admissible example, {need} tokens "
+                            f"(data.max_prompt_len={max_prompt_len}, data.max_response_len={max_response_len}); "
+                            f"set it to 0 (derive) or >= {need}")
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
+        raise UserError(f"data.pack_lookahead={lookahead!r}: expected an integer >= 0 (0 = no lookahead)")
+
+
 def _maxima(fcfg: FeaturizeConfig) -> tuple[int, int]:
     if fcfg.max_prompt_len is None or fcfg.max_response_len is None:
         raise UserError("the pipeline pads to static shapes: set max_prompt_len and max_response_len in the "
@@ -163,53 +226,46 @@ def _lengths(ex: PairedExample) -> tuple[int, int, int]:
     return ex.personal_len, ex.counterfactual_len, len(ex.response_ids)
 
 
+def _kept_to_json(kept: Kept) -> dict:
+    ex = kept.example
+    return {"prompt_ids": list(ex.prompt_ids), "prompt_no_profile_ids": list(ex.prompt_no_profile_ids),
+            "response_ids": list(ex.response_ids), "items_used": kept.items_used, "truncated": kept.truncated}
+
+
+def _kept_from_json(state: dict) -> Kept:
+    ex = PairedExample(tuple(int(i) for i in state["prompt_ids"]),
+                       tuple(int(i) for i in state["prompt_no_profile_ids"]),
+                       tuple(int(i) for i in state["response_ids"]))
+    return Kept(ex, int(state["items_used"]), bool(state["truncated"]))
+
+
 class PairedBatchIterator(grain.DatasetIterator):
     """Yields :class:`PairedBatch` (``int32[B, Lp]``, ``int32[B, Lc]``, response ``[B, R]``) with running stats.
 
-    ``featurize_stats`` counts kept/dropped examples and lengths; ``padding`` holds ``[padding slots, total
-    slots]`` per array (personal, counterfactual: ``segment_ids == 0``; response: ``weight == 0``).
+    ``packing``: False (bucketing), a :class:`Packing`, or True (the derived capacity of ``buckets`` and the default
+    lookahead). ``featurize_stats`` counts dropped examples when read and kept ones when placed in a batch (so
+    examples pending in the pool are not counted yet); ``padding`` holds ``[padding slots, total slots]`` per array
+    (personal, counterfactual: ``segment_ids == 0``; response: ``weight == 0``).
     """
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, buckets: Buckets, packing: bool,
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, buckets: Buckets, packing: bool | Packing,
                  give_up_after: int = 1_000_000):
         super().__init__(parent)
         self._give_up_after = give_up_after  # consecutive drops, with nothing ever kept, that mean "all dropped"
         self._batch_size = batch_size
         self._buckets = buckets
-        self._packing = packing
-        self._pending: tuple[Kept, Any] | None = None  # (example that closed the last batch, parent state before it)
+        if packing is True:
+            packing = Packing(*buckets.capacity)
+        self._packing: Packing | None = packing or None
+        self._pending: list[Kept] = []  # packing: examples read but not yet placed, in reading order
+        self._drops = 0  # consecutive drops in this call (give_up_after)
         self.featurize_stats = FeaturizeStats()
         self.padding = {name: [0, 0] for name in ARRAYS}
 
     def __next__(self) -> PairedBatch:
-        rows: list[list[PairedExample]] = []
-        fills: list[tuple[int, int, int]] = []
-        consecutive_drops = 0
-        while self._packing or len(rows) < self._batch_size:
-            if self._pending is not None:
-                (item, state_before), self._pending = self._pending, None
-            else:
-                state_before = self._parent.get_state() if self._packing else None
-                try:
-                    item = next(self._parent)
-                except StopIteration:
-                    break
-            if isinstance(item, Dropped):
-                self.featurize_stats.add(item)
-                consecutive_drops += 1
-                if consecutive_drops >= self._give_up_after and not self.featurize_stats.kept:
-                    raise UserError(f"every example was dropped ({self.featurize_stats.summary()['dropped']}): "
-                                    "raise data.max_prompt_len / data.max_response_len, or lower data.k")
-                continue
-            if not self._place(rows, fills, item.example):
-                self._pending = (item, state_before)
-                break
-            self.featurize_stats.add(item)
-        if not rows:
-            raise StopIteration
-        rows += [[] for _ in range(self._batch_size - len(rows))]
-        shape = self._buckets.fit(tuple(max(f[i] for f in fills) for i in range(3)))  # type: ignore[arg-type]
-        batch = collate(rows, *shape)
+        self._drops = 0
+        batch = self._next_packed() if self._packing else self._next_bucketed()
+        shape = shape_of(batch)
         used = ((batch.personal.segment_ids != 0).sum(), (batch.counterfactual.segment_ids != 0).sum(),
                 (batch.response.weight != 0).sum())
         for name, n, length in zip(ARRAYS, used, shape):
@@ -217,21 +273,75 @@ class PairedBatchIterator(grain.DatasetIterator):
             self.padding[name][1] += self._batch_size * length
         return batch
 
-    def _place(self, rows: list[list[PairedExample]], fills: list[tuple[int, int, int]], ex: PairedExample) -> bool:
-        """First fit: the first row with room in all three arrays, else a new row; False if the batch is full."""
-        need = _lengths(ex)
-        if self._packing:
-            cap = self._buckets.capacity
-            for i, fill in enumerate(fills):
-                if all(f + n <= c for f, n, c in zip(fill, need, cap)):
-                    rows[i].append(ex)
-                    fills[i] = tuple(f + n for f, n in zip(fill, need))  # type: ignore[assignment]
-                    return True
-        if len(rows) == self._batch_size:
-            return False
-        rows.append([ex])
-        fills.append(need)
-        return True
+    def _read(self) -> Kept | None:
+        """The next kept example (drops counted on the way), or None when the source is exhausted."""
+        while True:
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                return None
+            if isinstance(item, Kept):
+                self._drops = 0
+                return item
+            self.featurize_stats.add(item)
+            self._drops += 1
+            if self._drops >= self._give_up_after and not self.featurize_stats.kept and not self._pending:
+                raise UserError(f"every example was dropped ({self.featurize_stats.summary()['dropped']}): "
+                                "raise data.max_prompt_len / data.max_response_len, or lower data.k")
+
+    def _next_bucketed(self) -> PairedBatch:
+        rows: list[list[PairedExample]] = []
+        while len(rows) < self._batch_size:
+            item = self._read()
+            if item is None:
+                break
+            self.featurize_stats.add(item)
+            rows.append([item.example])
+        if not rows:
+            raise StopIteration
+        shape = self._buckets.fit(tuple(max(_lengths(r[0])[i] for r in rows) for i in range(3)))  # type: ignore
+        return collate(rows + [[] for _ in range(self._batch_size - len(rows))], *shape)
+
+    def _next_packed(self) -> PairedBatch:
+        """First-fit(-decreasing) into ``batch_size`` rows of the packing capacity (module doc)."""
+        pack = self._packing
+        cap = pack.capacity
+        window = max(pack.lookahead, 1)
+        rows: list[list[PairedExample]] = [[] for _ in range(self._batch_size)]
+        fills = [(0, 0, 0)] * self._batch_size
+        pool = self._pending
+        while True:
+            while len(pool) < window:
+                item = self._read()
+                if item is None:
+                    break
+                pool.append(item)
+            order = list(range(len(pool)))
+            if pack.lookahead:  # largest share of a row first; sort is stable: ties in reading order
+                order.sort(key=lambda i: -max(n / c for n, c in zip(_lengths(pool[i].example), cap)))
+            placed = set()
+            for i in order:
+                need = _lengths(pool[i].example)
+                row = next((b for b, fill in enumerate(fills) if all(f + n <= c for f, n, c in zip(fill, need, cap))),
+                           None)
+                if row is None:
+                    if not pack.lookahead:
+                        break
+                    continue
+                rows[row].append(pool[i].example)
+                fills[row] = tuple(f + n for f, n in zip(fills[row], need))  # type: ignore[assignment]
+                self.featurize_stats.add(pool[i])
+                placed.add(i)
+            if not placed:
+                break
+            pool[:] = [item for i, item in enumerate(pool) if i not in placed]
+        if not any(rows):
+            if pool:  # only with a capacity that bypassed check_packing
+                raise UserError(f"an example of lengths {_lengths(pool[0].example)} (personal, counterfactual, "
+                                f"response) does not fit an empty packed row of capacity {cap}; raise "
+                                f"{' / '.join(PACK_KEYS)}")
+            raise StopIteration
+        return collate(rows, *cap)
 
     def padding_fraction(self) -> dict[str, float]:
         """Padding slots / total slots so far, per array."""
@@ -242,19 +352,20 @@ class PairedBatchIterator(grain.DatasetIterator):
         return {**self.featurize_stats.summary(), "padding_fraction": self.padding_fraction()}
 
     def get_state(self) -> dict:
-        parent = self._pending[1] if self._pending is not None else self._parent.get_state()
-        return {"parent": parent, "featurize_stats": self.featurize_stats.to_json(),
+        return {"parent": self._parent.get_state(), "pending": [_kept_to_json(k) for k in self._pending],
+                "featurize_stats": self.featurize_stats.to_json(),
                 "padding": {k: list(v) for k, v in self.padding.items()}}
 
     def set_state(self, state: dict) -> None:
+        # states saved before the pool existed hold the parent's state from before the one pending example
         self._parent.set_state(state["parent"])
-        self._pending = None
+        self._pending = [_kept_from_json(k) for k in state.get("pending", [])]
         self.featurize_stats = FeaturizeStats.from_json(state["featurize_stats"])
         self.padding = {k: list(v) for k, v in state["padding"].items()}
 
 
 class _PairedBatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Buckets, packing: bool,
+    def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Buckets, packing: bool | Packing,
                  give_up_after: int):
         super().__init__(parent)
         self._args = (batch_size, buckets, packing, give_up_after)
@@ -266,15 +377,19 @@ class _PairedBatchDataset(grain.IterDataset):
 def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: FeaturizeConfig, *,
                   per_process_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None, shuffle: bool = True, packing: bool = False,
-                  bucket_multiple: int = 64, buckets: Buckets | None = None,
-                  contriever: Contriever | None = None, read_threads: int = 4,
-                  worker_count: int = 0, strict: bool = False,
+                  bucket_multiple: int = 64, buckets: Buckets | None = None, pack_personal_len: int = 0,
+                  pack_counterfactual_len: int = 0, pack_response_len: int = 0,
+                  pack_lookahead: int = DEFAULT_LOOKAHEAD, contriever: Contriever | None = None,
+                  read_threads: int = 4, worker_count: int = 0, strict: bool = False,
                   report: SkipReport | None = None) -> PairedBatchIterator:
     """The whole pipeline in one call (see module doc); returns a fresh, checkpointable iterator.
 
     Lengths come from ``fcfg`` (both ``max_prompt_len`` and ``max_response_len`` are required): buckets are
     multiples of ``bucket_multiple`` up to ``max_prompt_len + max_response_len − 1`` (sequences) and
-    ``max_response_len`` (responses), unless ``buckets`` is given. ``num_epochs=None`` repeats forever.
+    ``max_response_len`` (responses), unless ``buckets`` is given. With ``packing``, every batch has the row
+    capacity ``pack_personal_len`` / ``pack_counterfactual_len`` / ``pack_response_len`` (0 = the largest bucket
+    boundary; checked by :func:`check_packing` whether packing or not) and ``pack_lookahead`` examples are kept
+    pending for first-fit-decreasing placement. ``num_epochs=None`` repeats forever.
     ``worker_count > 0`` featurizes in that many processes (the tokenizer must be picklable; scripts need an
     ``if __name__ == "__main__"`` guard); the batching stage always runs in this process. ``strict`` / ``report``:
     see :func:`open_source` (rows skipped while reading a file are counted in ``report``).
@@ -289,6 +404,8 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
             raise UserError(f"bucket_multiple {bucket_multiple}: expected an integer >= 1")
         buckets = Buckets.multiples(fcfg, bucket_multiple)
     buckets.check(fcfg)
+    pack = Packing.derive(fcfg, buckets, pack_personal_len, pack_counterfactual_len, pack_response_len,
+                          pack_lookahead)
     featurizer = Featurizer(tokenizer, fcfg, contriever=contriever)
 
     records = open_source(source, strict=strict, report=report)
@@ -305,7 +422,7 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     give_up = max(-(-len(records) // process_count), 1)  # one full pass over this process's shard
-    return iter(_PairedBatchDataset(it_ds, per_process_batch_size, buckets, packing, give_up))
+    return iter(_PairedBatchDataset(it_ds, per_process_batch_size, buckets, pack if packing else False, give_up))
 
 
 # ----------------------------------------------------------------------------------------------------- to devices

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import PairedBatch
+from percausal_jax.data.pipeline import Buckets, Packing
 from percausal_jax.errors import UserError
 from percausal_jax.models.config import ModelConfig
 from percausal_jax.models.partitioning import MESH_AXES
@@ -110,6 +111,10 @@ def plan(rc: RunConfig, model_config: ModelConfig, topology: str, *, mfu: float 
     B, R, multiple = rc.train.global_batch_size, rc.data.max_response_len, rc.data.bucket_multiple
     Lp = -(-(rc.data.max_prompt_len + R - 1) // multiple) * multiple
     Lc = counterfactual_len or min(Lp, -(-(R + 256) // multiple) * multiple)
+    if rc.data.packing:  # packed batches always have the row capacities: the one shape training compiles
+        fcfg = run.featurize_config
+        Lp, Lc, R = Packing.derive(fcfg, Buckets.multiples(fcfg, multiple), rc.data.pack_personal_len,
+                                   rc.data.pack_counterfactual_len, rc.data.pack_response_len).capacity
     batch = PairedBatch.spec(B, Lp, Lc, R, sharding=NamedSharding(run.mesh, PartitionSpec(("data", "fsdp"))))
     ref = run.params if rc.objective.requirements.reference else None
     step_fn, state = run.train_step(), run.abstract_state()  # outside the TPU mesh: optax probes eagerly on CPU

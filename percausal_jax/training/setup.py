@@ -134,7 +134,10 @@ class Run:
                              seed=self.config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count(), num_epochs=num_epochs,
                              shuffle=d.shuffle if shuffle is None else shuffle, packing=d.packing,
-                             bucket_multiple=d.bucket_multiple, contriever=self.contriever)
+                             bucket_multiple=d.bucket_multiple, pack_personal_len=d.pack_personal_len,
+                             pack_counterfactual_len=d.pack_counterfactual_len,
+                             pack_response_len=d.pack_response_len, pack_lookahead=d.pack_lookahead,
+                             contriever=self.contriever)
 
 
 def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, devices: Sequence | None = None,

@@ -37,6 +37,21 @@ def test_tiny_config_compiles_for_a_small_tpu_topology(setup):
     assert p.compile_seconds > 0 and f"compiled in {p.compile_seconds:.1f} s" in p.report()
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (pip install ".[tpu]" enables AOT for TPUs)')
+def test_packed_plan_compiles_the_row_capacities(setup):
+    """With packing every batch has the row capacities, so that is the shape the plan compiles."""
+    model_dir, _ = setup
+    rc = RunConfig.from_config(load_config("configs/tiny.py", [
+        f"--config.model.path={model_dir}", "--config.mesh.fsdp=4", "--config.objective.name=perce",
+        "--config.train.grad_accum_steps=1", "--config.data.packing=True", "--config.data.pack_personal_len=256",
+        "--config.data.pack_response_len=64"]))
+    p = aot.plan(rc, read_config(model_dir), "v5e:2x2")
+    need = rc.data.max_prompt_len + rc.data.max_response_len - 1
+    multiple = rc.data.bucket_multiple
+    assert p.batch_shapes == {"personal": 256, "counterfactual": -(-need // multiple) * multiple, "response": 64,
+                              "batch": rc.train.global_batch_size}
+
+
 HIDE_LIBTPU = """
 import importlib.abc, sys
 class Hide(importlib.abc.MetaPathFinder):  # this interpreter behaves as if libtpu were not installed
