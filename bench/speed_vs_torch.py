@@ -313,6 +313,8 @@ def parse_args():
                     help="ours' train.grad_accum_steps (default: batch / ref-micro-batch)")
     ap.add_argument("--bucket-multiple", type=int, default=None, help="data.bucket_multiple of ours")
     ap.add_argument("--variants", default=None, help="ours' pipeline variants: bucketed,packed")
+    ap.add_argument("--pack", default="0,0,0", help="packed variant: data.pack_{personal,counterfactual,response}_len "
+                    "(0 = derived from the length limits)")
     ap.add_argument("--examples", type=int, default=None, help="timed examples per side per round (default: batch)")
     ap.add_argument("--stats-examples", type=int, default=None, help="examples of the padding statistics")
     ap.add_argument("--stats-multiples", default=None, help="bucket multiples of the padding statistics")
@@ -399,8 +401,10 @@ def main() -> None:
 
     def variant(run, packing: bool, multiple: int | None = None):
         """``run`` whose data settings are those of the variant (the same model, state and step)."""
+        pack = [f"data.pack_{a}_len={n}" for a, n in zip(("personal", "counterfactual", "response"),
+                                                          map(int, args.pack.split(",")))] if packing else []
         rc = run_config(*base, f"objective.name={run.objective.name}", f"data.packing={packing}",
-                        f"data.bucket_multiple={multiple or args.bucket_multiple}")
+                        f"data.bucket_multiple={multiple or args.bucket_multiple}", *pack)
         return dataclasses.replace(run, config=rc)
 
     # ------------------------------------------------------------------ padding statistics (no compute)
