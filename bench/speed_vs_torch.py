@@ -32,11 +32,13 @@ Settings (``--lengths``; every default below is the setting's, each can be overr
   q/k/v bias) with 4 of its 24 layers (2-core budget; the FLOP analysis also projects to 24), logical batch 8, the
   reference in micro-batches of 1 row (its NextQuill step keeps ~8 fp32 [rows, L, V] tensors: ~12 GiB per row of
   2560 tokens, so 2 rows would not fit 23 GiB) and ours with train.grad_accum_steps 8 (1 row per micro-batch as
-  well), bucket multiple 64, ours bucketed and packed, 16 timed examples. Padding statistics on 512 examples.
+  well), bucket multiple 64, ours bucketed and packed (``--pack`` row capacities, default derived from the length
+  limits; ``bench/packing.py`` measures which capacities pad ≤ 10%), 16 timed examples. Padding statistics on 512
+  examples.
 - ``smollm-why``: SmolLM2-135M-Instruct (real weights), full fine-tuning, AdamW, batch 4, P ~ uniform[360, 445],
-  Q ~ uniform[48, 96], R ~ uniform[32, 128], bucket multiple 128, 16 timed examples; ours bucketed only (a packed
-  row holds ≤ 640 tokens, 445 + 128 − 1 rounded up to 128, and every example has ≥ 391: packing gives the same
-  batches, see the padding statistics).
+  Q ~ uniform[48, 96], R ~ uniform[32, 128], bucket multiple 128, 16 timed examples; ours bucketed by default
+  (packed needs row capacities above the derived 640 = 445 + 128 − 1 rounded up to 128, which holds one example:
+  ``--variants bucketed,packed --pack 2048,640,512``).
 
 Reported: real (unpadded) tokens/s per side (Σ personal + counterfactual sequence lengths / Σ step time; ours
 bucketed and the reference run exactly the same examples, ours packed the pipeline batches that cover them), padding overhead (padded slots / real tokens − 1) of ours and of the reference, the number
