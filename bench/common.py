@@ -53,6 +53,9 @@ def machine_info(extra: dict | None = None) -> dict:
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        # what this process may run on (`taskset -c 0 …` pins a benchmark to one core: both sides, JAX and PyTorch,
+        # then run single-threaded, away from whatever else the machine is doing)
+        "cores used (affinity)": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": ", ".join(sorted({d.device_kind for d in jax.devices()})),

@@ -16,9 +16,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = "embedded"  # HF dir, hub id, or "embedded" (SmolLM2-135M-Instruct)
     c.model.dtype = "float32"  # parameter dtype (frozen LoRA base may be bfloat16)
     c.model.compute_dtype = "float32"  # activation dtype; log-softmax is always float32
+    # One compiled layer body: compile time constant in depth. CPU: False steps 4–5% faster at 256–512 tokens (the
+    # scan slices/stacks per layer; bench/RESULTS.md "CPU profile") for a compile that grows with depth.
     c.model.scan_layers = True
     c.model.remat_policy = "none"  # none | full | dots | save_qkv_proj | minimal
-    c.model.attention_impl = "xla"  # xla | cudnn | splash
+    # auto | xla | blocked | cudnn | splash. auto (models.layers.resolve_attention_impl): splash on TPU, cudnn on GPU
+    # for bf16/fp16 compute, blocked (flash-style tiles, no [L, L] mask) elsewhere and where those cannot run (Gemma2
+    # soft-capping, fp32 on GPU; on TPU mixed sliding/global layers under scan_layers, lengths not a multiple of
+    # 128). CPU (bench/cpu_profile.py attention, 1 core, bench/RESULTS.md "CPU profile"): blocked fwd+bwd is 2.1× /
+    # 2.3× / 4.1× faster than xla at 320 / 576 / 1088 tokens.
+    c.model.attention_impl = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # JSONL / parquet / ArrayRecord of canonical or prompt records

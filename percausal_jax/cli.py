@@ -27,8 +27,15 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as the other input errors: one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="percausal", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="percausal", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).register(subparsers)
@@ -36,9 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False) or any(not e.startswith("--config.") for e in extra):
-        build_parser().parse_args(argv)  # reports the unknown arguments the standard way
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        overrides = getattr(args, "accepts_overrides", False)
+        unknown = [e for e in extra if not (overrides and e.startswith("--config."))]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as e:  # argument errors (exit 2) and --help (exit 0): already reported
+        return int(e.code or 0)
     args.overrides = extra
     try:
         return int(args.func(args) or 0)

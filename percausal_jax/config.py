@@ -225,6 +225,61 @@ CHOICES = {"train.nan_policy": ("skip", "fail"), "model.dtype": ("float32", "bfl
 
 
 @dataclasses.dataclass(frozen=True)
+class Bound:
+    """The admissible range of a numeric key: ``low`` / ``high`` (None: unbounded), each inclusive or not."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def expected(self, value) -> str:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '≥'} {self.low:g}"
+        return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+    def check(self, key: str, value) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high or value != value:  # NaN is out of every range
+            raise UserError(f"{key}={value!r}: expected {self.expected(value)}")
+
+
+_POS, _NONNEG, _UNIT = Bound(0, low_open=True), Bound(0), Bound(0, 1)
+BOUNDS = {  # every numeric key with a limited range (the mesh's -1 = "the remaining devices": _check_mesh)
+    "seed": _NONNEG, "vocab_chunk_size": _NONNEG,
+    "train.steps": Bound(1), "train.global_batch_size": Bound(1), "train.grad_accum_steps": Bound(1),
+    "train.log_every": Bound(1), "train.eval_every": _NONNEG, "train.eval_batches": Bound(1),
+    "train.peak_tflops": _NONNEG,
+    "optimizer.lr": _POS, "optimizer.warmup_steps": _NONNEG, "optimizer.warmup_ratio": _UNIT,
+    "optimizer.min_lr_ratio": _UNIT, "optimizer.weight_decay": _NONNEG, "optimizer.grad_clip_norm": _NONNEG,
+    "optimizer.b1": Bound(0, 1, high_open=True), "optimizer.b2": Bound(0, 1, high_open=True),
+    "optimizer.eps": _NONNEG, "optimizer.momentum": Bound(0, 1, high_open=True),
+    "lora.rank": _NONNEG, "lora.alpha": _POS,
+    "checkpoint.every_steps": Bound(1), "checkpoint.keep": Bound(1),
+    "data.k": Bound(1), "data.max_prompt_len": Bound(1), "data.max_response_len": Bound(1),
+    "data.pack_personal_len": _NONNEG, "data.pack_counterfactual_len": _NONNEG, "data.pack_response_len": _NONNEG,
+    "data.pack_lookahead": _NONNEG, "data.bucket_multiple": Bound(1),
+}
+# the objectives' hyper-parameters with a limited range, and pairs that must be ordered (low ≤ high)
+OBJECTIVE_BOUNDS = {"perce": {"clip_min": _NONNEG, "clip_max": _POS},
+                    "nextquill": {"delta": _NONNEG, "high": _UNIT, "low": _UNIT, "alpha": _NONNEG},
+                    "lossce": {"keep_frac": Bound(0, 1, low_open=True)}, "entce": {"max_weight": _POS}}
+OBJECTIVE_ORDER = {"perce": (("clip_min", "clip_max"),), "nextquill": (("low", "high"),)}
+
+
+def _check_mesh(mesh: MeshSpec) -> None:
+    sizes = {f"mesh.{k}": getattr(mesh, k) for k in ("data", "fsdp", "tensor")}
+    for key, n in sizes.items():
+        if n != -1 and n < 1:
+            raise UserError(f"{key}={n}: expected an integer ≥ 1, or -1 (the remaining devices)")
+    if list(sizes.values()).count(-1) > 1:
+        raise UserError(f"mesh {', '.join(f'{k}={v}' for k, v in sizes.items())}: expected at most one axis of -1")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A training run's whole configuration, typed. ``source`` is the config as JSON (saved with checkpoints, so
     ``export`` / ``eval --workdir`` rebuild the same run)."""
@@ -265,6 +320,17 @@ class RunConfig:
         return rc
 
     def validate(self) -> None:
+        for key, bound in BOUNDS.items():
+            bound.check(key, self._value(key))
+        for key, bound in OBJECTIVE_BOUNDS.get(self.objective.name, {}).items():
+            bound.check(f"objective.{self.objective.name}.{key}", getattr(self.objective, key))
+        for low, high in OBJECTIVE_ORDER.get(self.objective.name, ()):
+            a, b = getattr(self.objective, low), getattr(self.objective, high)
+            if a > b:
+                name = self.objective.name
+                raise UserError(f"objective.{name}.{low}={a} > objective.{name}.{high}={b}: expected "
+                                f"{low} ≤ {high}")
+        _check_mesh(self.mesh)
         t = self.train
         if t.global_batch_size % t.grad_accum_steps:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -273,6 +339,12 @@ class RunConfig:
         from percausal_jax.training.optim import make_optimizer
 
         make_optimizer(self.optimizer, t.steps)  # names a bad optimizer.name / optimizer.schedule
+
+    def _value(self, key: str):
+        node = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
 
     def with_model_path(self, path: str) -> RunConfig:
         return dataclasses.replace(self, model=dataclasses.replace(self.model, path=str(path)))

@@ -1,4 +1,5 @@
-"""Factories for tiny random transformers models with non-trivial weights (shared by the tests)."""
+"""Factories for tiny random transformers models with non-trivial weights (shared by the tests). ``TINY``'s vocabulary
+covers :func:`tiny_tokenizer`'s 259 entries (its byte alphabet and 3 special tokens), as a real model's does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 
 

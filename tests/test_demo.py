@@ -20,9 +20,10 @@ def test_demo_pipeline_end_to_end(smollm2_dir, tmp_path, capsys):
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     for needle in ("CE vs PerCE", "<svg", "class=\"tok\"", ">ce<", ">perce<", "rouge1"):
         assert needle in page, needle
-    for method in ("ce", "perce"):
+    for method in ("ce", "perce", "perce_contrast"):
         m = json.loads((out / "eval" / f"{method}.metrics.json").read_text())
         assert m["n"] == 2 and 0.0 <= m["rouge1"] <= 1.0 and "span_recall" in m
+    assert "perce + contrast β=1" in page  # the report's contrastive-decoding row
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(out / "export" / "perce")) is not None

@@ -13,9 +13,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from percausal_jax.config import RunConfig, load_config
+    from percausal_jax.commands._args import AT_LEAST_1, check
+    from percausal_jax.config import Bound, RunConfig, load_config
     from percausal_jax.training.aot import plan
     from percausal_jax.training.setup import model_config_of
+
+    check(args, {"mfu": Bound(0, 1, low_open=True), "counterfactual_len": AT_LEAST_1})
 
     rc = RunConfig.from_config(load_config(args.config, args.overrides), where=args.config)
     model_config = model_config_of(rc.model.path)

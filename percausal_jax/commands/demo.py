@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-limit", type=int, default=8, help="test records generated for per method")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--score-limit", type=int, default=4, help="test records in the token heatmap")
+    p.add_argument("--contrast", type=float, default=1.0,
+                   help="β of the extra report row: the PerCE model with profile-contrastive decoding (0: no row)")
     p.set_defaults(func=run)
 
 
@@ -62,20 +64,24 @@ def run(args) -> int:
         call(["train", "--config", config, "--workdir", runs / method, f"--config.objective.name={method}",
               *overrides])
 
-    results, preds = {}, {}
-    for method in METHODS:
-        _step(f"4/6 evaluate {method} on unseen users (ROUGE-1/L, METEOR when WordNet is present, span recall)")
-        argv = ["eval", "--workdir", runs / method, "--data", data / "test.jsonl", "--out", evals / f"{method}.jsonl",
-                "--limit", args.eval_limit, "--max-new-tokens", args.max_new_tokens, "--batch-size", 8]
-        from percausal_jax.evaluation.wordnet import available
+    from percausal_jax.evaluation.wordnet import available
 
+    results, preds = {}, {}
+    rows = [(m, m, []) for m in METHODS]  # (report row, trained run, extra eval flags)
+    if args.contrast > 0:
+        rows.append((f"perce + contrast β={args.contrast:g}", "perce", ["--contrast", args.contrast]))
+    for name, method, extra in rows:
+        _step(f"4/6 evaluate {name} on unseen users (ROUGE-1/L, METEOR when WordNet is present, span recall)")
+        stem = name.split(" ")[0] + ("_contrast" if extra else "")
+        argv = ["eval", "--workdir", runs / method, "--data", data / "test.jsonl", "--out", evals / f"{stem}.jsonl",
+                "--limit", args.eval_limit, "--max-new-tokens", args.max_new_tokens, "--batch-size", 8, *extra]
         if not available():
             argv.append("--no-meteor")
         call(argv)
-        results[method] = json.loads((evals / f"{method}.metrics.json").read_text())
+        results[name] = json.loads((evals / f"{stem}.metrics.json").read_text())
         train_rows = read_jsonl(runs / method / "metrics.jsonl")
-        results[method]["eval_nll"] = next((r["eval_nll"] for r in reversed(train_rows) if "eval_nll" in r), None)
-        preds[method] = read_jsonl(evals / f"{method}.jsonl")
+        results[name]["eval_nll"] = next((r["eval_nll"] for r in reversed(train_rows) if "eval_nll" in r), None)
+        preds[name] = read_jsonl(evals / f"{stem}.jsonl")
 
     _step("5/6 export the PerCE model to Hugging Face format and load it back with transformers")
     export = out / "export" / "perce"
@@ -94,7 +100,10 @@ def run(args) -> int:
     notes = (f"{args.users} synthetic users with planted style (signature openings, invented words, sign-offs). "
              "Both methods: LoRA on SmolLM2-135M-Instruct, the same steps, batch and learning rate "
              "(configs/demo.py), trained with <code>percausal train</code>. Metrics on users never seen in training; "
-             "span recall = fraction of the planted personal spans reproduced in the generations.")
+             "span recall = fraction of the planted personal spans reproduced in the generations."
+             + (f" The last row decodes the PerCE model profile-contrastively (<code>percausal eval --contrast "
+                f"{args.contrast:g}</code>: z_h + β·(z_h − z_0), plausibility 0.1): no training, the profile's "
+                "effect amplified at inference." if args.contrast > 0 else ""))
     report = write_report(out / "report.html", results=results,
                           train_metrics={m: read_jsonl(runs / m / "metrics.jsonl") for m in METHODS},
                           preds=preds, scored=scored, notes=notes)
@@ -130,7 +139,8 @@ def _transformers_check(export: Path, prompt: str) -> str:
 def _print_summary(results: dict, seconds: float, report: Path) -> None:
     keys = [k for k in ("rouge1", "rougeL", "meteor", "span_recall", "eval_nll") if any(k in r for r in
                                                                                        results.values())]
-    print("\n" + f"{'method':<8}" + "".join(f"{k:>12}" for k in keys))
+    width = max(8, *(len(m) + 1 for m in results))
+    print("\n" + f"{'method':<{width}}" + "".join(f"{k:>12}" for k in keys))
     for m, r in results.items():
-        print(f"{m:<8}" + "".join(f"{r[k]:>12.4f}" if isinstance(r.get(k), float) else f"{'-':>12}" for k in keys))
+        print(f"{m:<{width}}" + "".join(f"{r[k]:>12.4f}" if isinstance(r.get(k), float) else f"{'-':>12}" for k in keys))
     print(f"\nreport: {report}   ({seconds / 60:.1f} min)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from percausal_jax.evaluation.contrast_flags import add_flags, check_flags
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="generate for each record and compute ROUGE / METEOR / LaMP metrics")
@@ -22,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_flags(p, "decode profile-contrastively against each record's profile-free prompt")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="only the first N records")
@@ -38,6 +41,10 @@ def run(args) -> int:
     from percausal_jax.data.featurize import FeaturizeConfig
     from percausal_jax.evaluation.evaluate import DecodeConfig, generate_for_records, read_eval_records, score
 
+    from percausal_jax.commands._args import DECODE, check
+
+    check_flags(args)
+    check(args, {**DECODE, "step": DECODE["limit"]})
     if args.model and getattr(args, "overrides", ()):
         from percausal_jax.errors import UserError
 
@@ -60,7 +67,7 @@ def run(args) -> int:
         model, tokenizer = loaded.model, loaded.tokenizer
         fcfg = FeaturizeConfig(template=args.template or "chat")
     dcfg = DecodeConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
-                        args.seed, args.batch_size)
+                        args.seed, args.batch_size, args.contrast, args.plausibility)
     rows = generate_for_records(model, tokenizer, records, fcfg, dcfg, progress=not args.no_progress)
     result = score(rows, records, args.task, meteor=not args.no_meteor)
     out = storage.path(args.out)  # local or gs://; each file written whole

@@ -21,7 +21,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from percausal_jax.commands._args import NONNEG, check
     from percausal_jax.training.export import export_checkpoint
+
+    check(args, {"step": NONNEG})
 
     form = "peft" if args.peft else "merged" if args.merge_lora else "full"
     out = export_checkpoint(args.workdir, args.out, step=args.step, dtype=args.dtype, form=form,

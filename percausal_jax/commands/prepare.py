@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--config applies to --source longlamp, lamp and amazon (a sub-folder or hub config)")
     if args.max_response_len is not None and args.tokenizer is None:
         raise UserError("--max-response-len counts tokens: pass --tokenizer")
+    from percausal_jax.commands._args import AT_LEAST_1, NONNEG, check
+
+    check(args, {"k": AT_LEAST_1, "seed": NONNEG, "max_prompt_len": AT_LEAST_1, "max_response_len": AT_LEAST_1})
     report = SkipReport()
     numbered = load_records(args, report)
     tokenizer = storage.load_tokenizer(args.tokenizer) if args.tokenizer is not None else None

@@ -1,4 +1,8 @@
-"""``percausal score``: per-token PIR / DCE / weights of gold completions, as JSONL and an HTML heatmap."""
+"""``percausal score``: per-token PIR / DCE / weights of gold completions, as JSONL and an HTML heatmap.
+
+``--contrast BETA`` (off by default) adds, per token, what profile-contrastive decoding would change at that step
+(teacher-forced on the gold prefix): ``argmax_personal`` / ``argmax_contrast`` (ids) and their decoded
+``argmax_personal_token`` / ``argmax_contrast_token``; the heatmap marks the tokens where the two differ."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import sys
 
 from percausal_jax.errors import UserError
+from percausal_jax.evaluation.contrast_flags import add_flags, check_flags
 
 ID_KEYS = ("id", "prompt_ids", "prompt_no_profile_ids", "completion_ids", "tokens")
 
@@ -28,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--clip-min", type=float, default=0.8)
     p.add_argument("--clip-max", type=float, default=5.0)
     p.add_argument("--delta", type=float, default=0.05)
+    add_flags(p, "also record, per token, the greedy choice from z_h and from the contrasted logits (the heatmap "
+                 "marks where they differ)")
     p.set_defaults(func=run)
 
 
@@ -39,11 +46,17 @@ def run(args) -> int:
     from percausal_jax.data import records
     from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
     from percausal_jax.objectives import OBJECTIVES
-    from percausal_jax.scoring import output_keys, scorable, score_examples
+    from percausal_jax.scoring import CONTRAST_KEYS, output_keys, scorable, score_examples
     from percausal_jax.training.setup import pretrained
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if not 0 <= args.clip_min <= args.clip_max:
+        raise UserError(f"--clip-min={args.clip_min} --clip-max={args.clip_max}: expected 0 ≤ clip-min ≤ clip-max")
+    if not args.delta >= 0:
+        raise UserError(f"--delta={args.delta}: expected a number ≥ 0")
+    check_flags(args)
+    contrast = (args.contrast, args.plausibility) if args.contrast > 0 else None
     rows = records.read_records(args.data)
     for i, row in enumerate(rows, 1):
         if records.detect_kind(row, args.data, i) != "prompt":
@@ -57,13 +70,16 @@ def run(args) -> int:
     featurizer = Featurizer(tokenizer, FeaturizeConfig(template=args.template, enable_thinking=args.enable_thinking))
     examples = [featurizer(row).example for row in rows]
     progress = lambda it: tqdm(it, desc="scoring", unit="batch", file=sys.stderr)  # noqa: E731
-    keys = ID_KEYS + output_keys(objectives)
+    keys = ID_KEYS + output_keys(objectives, contrast)
+    if contrast is not None:
+        keys += tuple(f"{k}_token" for k in CONTRAST_KEYS)
     scored = []
     for row, ex, s in zip(rows, examples, score_examples(loaded.model, examples, objectives, args.batch_size,
-                                                         progress)):
+                                                         progress, contrast)):
         rec = {"id": row["id"], "prompt_ids": list(ex.prompt_ids),
                "prompt_no_profile_ids": list(ex.prompt_no_profile_ids), "completion_ids": list(ex.response_ids),
                "tokens": [tokenizer.decode([t]) for t in ex.response_ids], **s}
+        rec.update({f"{k}_token": [tokenizer.decode([t]) for t in s[k]] for k in CONTRAST_KEYS if k in s})
         scored.append({k: rec[k] for k in keys})
     write_text(storage.path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
     if args.html:

@@ -24,11 +24,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from percausal_jax import cli, storage
-    from percausal_jax.atomic import write_text
+    from percausal_jax import storage
     from percausal_jax.errors import UserError
-    from percausal_jax.evaluation.wordnet import available
-
+    from percausal_jax.lock import WorkdirLock
     from percausal_jax.objectives import OBJECTIVES, get
 
     objectives = list(OBJECTIVES) if args.objectives is None else [o.strip() for o in args.objectives.split(",")
@@ -39,15 +37,31 @@ def run(args) -> int:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--lrs {args.lrs!r}: expected comma-separated numbers") from None
+    from percausal_jax.commands._args import AT_LEAST_1, NONNEG, check
+    from percausal_jax.config import RunConfig, load_config
+
+    check(args, {"eval_limit": NONNEG, "max_new_tokens": AT_LEAST_1})
+    for obj in objectives:  # every cell's config is valid before anything trains or is written
+        for lr in lrs:
+            RunConfig.from_config(load_config(args.config, _cell_overrides(args, obj, lr)), where=args.config)
     out = storage.path(args.out)  # local or gs://
+    with WorkdirLock(out, command="sweep"):  # one sweep per --out (each run also locks its own workdir)
+        return _sweep(args, out, objectives, lrs)
+
+
+def _sweep(args, out, objectives: list[str], lrs: list[float]) -> int:
+    from percausal_jax import cli
+    from percausal_jax.atomic import write_text
+    from percausal_jax.errors import UserError
+    from percausal_jax.evaluation.wordnet import available
+
     cells: dict[str, dict[str, dict]] = {}
     for obj in objectives:
         for lr in lrs:
             work = out / f"{obj}-lr{lr:g}"
             print(f"== {obj} lr={lr:g}", file=sys.stderr, flush=True)
             train = ["train", "--config", args.config, "--workdir", work, "--no-progress",
-                     f"--config.objective.name={obj}", f"--config.optimizer.lr={lr}",
-                     f"--config.data.train={args.train}", f"--config.data.eval={args.test}", *args.overrides]
+                     *_cell_overrides(args, obj, lr)]
             evaluate = ["eval", "--workdir", work, "--data", args.test, "--out", work / "preds.jsonl", "--no-progress",
                         "--limit", args.eval_limit, "--max-new-tokens", args.max_new_tokens]
             if not available():
@@ -66,6 +80,11 @@ def run(args) -> int:
     write_text(out / "sweep.md", table)
     print(table)
     return 0
+
+
+def _cell_overrides(args, obj: str, lr: float) -> list[str]:
+    return [f"--config.objective.name={obj}", f"--config.optimizer.lr={lr}", f"--config.data.train={args.train}",
+            f"--config.data.eval={args.test}", *args.overrides]
 
 
 def markdown(cells: dict, best: dict, metric: str, lrs: list[float]) -> str:

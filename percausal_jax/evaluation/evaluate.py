@@ -3,7 +3,10 @@
 Records are read and featurized exactly as in training (retrieval, prompt builder, chat template), so the prompt a
 model is evaluated on is the prompt it was trained on. Generations are written one JSON line per record
 ``{id, task, prompt, prediction, reference}``; metrics per task come from :mod:`percausal_jax.evaluation.metrics`.
-Empty generations are scored as empty, never dropped.
+Empty generations are scored as empty, never dropped. With ``DecodeConfig.contrast`` > 0 decoding is
+profile-contrastive (:mod:`percausal_jax.evaluation.contrast`) against each record's profile-free prompt, the one
+training's counterfactual pass sees: the featurizer's ``prompt_no_profile_ids`` (a prompt record's
+``prompt_no_profile``; for a canonical record, the prompt built without profile items).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class DecodeConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     batch_size: int = 8
+    contrast: float = 0.0  # β of profile-contrastive decoding (0 = plain decoding)
+    plausibility: float = 0.1  # α: only tokens with p ≥ α · max p given the profile are eligible
 
 
 def generate_for_records(model, tokenizer, records: Sequence[dict], fcfg: FeaturizeConfig, dcfg: DecodeConfig,
@@ -35,13 +40,14 @@ def generate_for_records(model, tokenizer, records: Sequence[dict], fcfg: Featur
     from tqdm import tqdm
 
     featurizer = Featurizer(tokenizer, dataclasses.replace(fcfg, max_response_len=None, truncate_response=False))
-    prompts, rows = [], []
+    prompts, no_profile, rows = [], [], []
     stops = {tokenizer.eos_token_id} - {None}  # and the last id of each response end training appended
     for rec in records:
         texts, result = featurizer.run(rec)
         if texts is None:
             raise UserError(f"record {rec.get('id')}: the prompt does not fit max_prompt_len even without profile")
         prompts.append(list(result.example.prompt_ids))
+        no_profile.append(list(result.example.prompt_no_profile_ids))
         stops.add(featurizer.response_end(texts.template)[-1])
         rows.append({"id": rec["id"], "task": rec.get("task"), "prompt": texts.prompt, "reference": texts.completion})
     eos = sorted(stops)
@@ -51,7 +57,9 @@ def generate_for_records(model, tokenizer, records: Sequence[dict], fcfg: Featur
         chunk = prompts[start:start + dcfg.batch_size]
         outs = generate(model, chunk, dcfg.max_new_tokens, eos_ids=tuple(set(eos)), pad_id=pad,
                         temperature=dcfg.temperature, top_p=dcfg.top_p, top_k=dcfg.top_k,
-                        repetition_penalty=dcfg.repetition_penalty, seed=dcfg.seed + start)
+                        repetition_penalty=dcfg.repetition_penalty, seed=dcfg.seed + start,
+                        prompts_no_profile=no_profile[start:start + dcfg.batch_size], contrast=dcfg.contrast,
+                        plausibility=dcfg.plausibility)
         for row, ids in zip(rows[start:start + dcfg.batch_size], outs):
             row["prediction"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return rows

@@ -23,7 +23,8 @@ from flax import nnx
 
 from percausal_jax.models.config import ModelConfig, rope_inv_freq
 from percausal_jax.models.kv_cache import KVCache, init_cache
-from percausal_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, chunk_attention_mask, rope_cos_sin
+from percausal_jax.models.layers import (DENSE_MASK_IMPLEMENTATIONS, MLP, Attention, RMSNorm, attention_mask,
+                                        chunk_attention_mask, rope_cos_sin)
 
 # name -> jax.checkpoint policy (None: no rematerialization). Names tagged in layers.py with checkpoint_name.
 REMAT_POLICIES = {
@@ -37,20 +38,24 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, param_dtype, attention_impl: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, param_dtype, attention_impl: str, *, rngs: nnx.Rngs,
+                 backend: str | None = None, scan_layers: bool = False):
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)  # noqa: E731
         self.sandwich_norm = cfg.sandwich_norm
         self.input_layernorm = norm()
-        self.self_attn = Attention(cfg, dtype, param_dtype, attention_impl, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype, param_dtype, attention_impl, rngs=rngs, backend=backend,
+                                   scan_layers=scan_layers)
         self.post_attention_layernorm = norm()
         if cfg.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg, dtype, param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, segment_ids, sliding) -> jax.Array:
-        """x [B, L, D] → [B, L, D]."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, segment_ids, sliding)
+    def __call__(self, x, cos, sin, mask, segment_ids, sliding, positions=None) -> jax.Array:
+        """x [B, L, D] → [B, L, D] (``mask`` None: the attention kernel masks from segment ids and positions)."""
+        with jax.named_scope("norm"):
+            xn = self.input_layernorm(x)
+        h = self.self_attn(xn, cos, sin, mask, segment_ids, sliding, positions)
         return self._residual(x, h)
 
     def decode(self, x, cos, sin, mask, kv, start) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -61,17 +66,23 @@ class DecoderLayer(nnx.Module):
     def _residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
         """Adds the attention branch h [B, L, D] to the residual stream x, then the MLP block."""
         if self.sandwich_norm:  # Gemma2/3: norm the branch output, and a separate pre-FFN norm
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            with jax.named_scope("norm"):
+                x = x + self.post_attention_layernorm(h)
+                xn = self.pre_feedforward_layernorm(x)
+            h = self.mlp(xn)
+            with jax.named_scope("norm"):
+                return x + self.post_feedforward_layernorm(h)
+        with jax.named_scope("norm"):
+            x = x + h
+            xn = self.post_attention_layernorm(x)
+        return x + self.mlp(xn)
 
 
 class DecoderModel(nnx.Module):
     """HF's ``model.*`` subtree: ``embed_tokens``, ``layers``, ``norm``."""
 
     def __init__(self, cfg: ModelConfig, dtype, param_dtype, scan_layers: bool, remat_policy: str,
-                 attention_impl: str, *, rngs: nnx.Rngs):
+                 attention_impl: str, *, rngs: nnx.Rngs, backend: str | None = None):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
         self.cfg = cfg
@@ -80,7 +91,8 @@ class DecoderModel(nnx.Module):
         self.remat_policy = remat_policy
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        make = lambda r: DecoderLayer(cfg, dtype, param_dtype, attention_impl, rngs=r)  # noqa: E731
+        make = lambda r: DecoderLayer(cfg, dtype, param_dtype, attention_impl, rngs=r,  # noqa: E731
+                                      backend=backend, scan_layers=scan_layers)
         if scan_layers:
             self.layers = nnx.vmap(make, in_axes=0, out_axes=0)(rngs.split(cfg.num_hidden_layers))
         else:
@@ -90,19 +102,24 @@ class DecoderModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """input_ids, positions, segment_ids int[B, L] → final-normed hidden states [B, L, D] (compute dtype)."""
         cfg = self.cfg
-        x = self._embed(input_ids)
-        (cos_g, sin_g), (cos_l, sin_l) = self._rope_tables(positions)
-        full_mask = attention_mask(segment_ids, positions, False, None)
-        window_mask = attention_mask(segment_ids, positions, True, cfg.sliding_window)
+        with jax.named_scope("embed"):
+            x = self._embed(input_ids)
         flags = cfg.sliding_layers
         uniform = all(f == flags[0] for f in flags)
+        with jax.named_scope("masks_rope"):
+            rope = self._rope_tables(positions)
+            # dense [B, 1, L, L] masks only for the kernels that take one ("blocked"/"splash" mask per tile)
+            masks = None
+            if self.attention_impl in DENSE_MASK_IMPLEMENTATIONS:
+                masks = (attention_mask(segment_ids, positions, False, None),
+                         attention_mask(segment_ids, positions, True, cfg.sliding_window))
 
         def layer_fn(layer_state, graphdef, x, sliding):
             layer = nnx.merge(graphdef, layer_state)
-            cos = jnp.where(sliding, cos_l, cos_g)
-            sin = jnp.where(sliding, sin_l, sin_g)
-            mask = jnp.where(sliding, window_mask, full_mask)
-            return layer(x, cos, sin, mask, segment_ids, flags[0] if uniform else sliding)
+            static = flags[0] if uniform else sliding
+            with jax.named_scope("masks_rope"):
+                (cos, sin), mask = _per_layer(rope, masks, static, cfg.sliding_window is not None)
+            return layer(x, cos, sin, mask, segment_ids, static, positions)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -120,22 +137,23 @@ class DecoderModel(nnx.Module):
             for layer, sliding in zip(self.layers, flags):
                 graphdef, state = nnx.split(layer)
                 x = layer_fn(state, graphdef, x, sliding)
-        return self.norm(x)
+        with jax.named_scope("norm"):
+            return self.norm(x)
 
     def decode(self, input_ids: jax.Array, cache: KVCache, start: jax.Array | int) -> tuple[jax.Array, KVCache]:
         """input_ids int[B, L] at buffer slots ``start .. start+L-1`` → hidden [B, L, D] and the updated cache."""
         cfg = self.cfg
         L = input_ids.shape[1]
         x = self._embed(input_ids)
-        (cos_g, sin_g), (cos_l, sin_l) = self._rope_tables(
-            jax.lax.dynamic_slice_in_dim(cache.positions, start, L, axis=1))
-        full_mask = chunk_attention_mask(cache.segment_ids, cache.positions, start, L, False, None)
-        window_mask = chunk_attention_mask(cache.segment_ids, cache.positions, start, L, True, cfg.sliding_window)
+        rope = self._rope_tables(jax.lax.dynamic_slice_in_dim(cache.positions, start, L, axis=1))
+        masks = (chunk_attention_mask(cache.segment_ids, cache.positions, start, L, False, None),
+                 chunk_attention_mask(cache.segment_ids, cache.positions, start, L, True, cfg.sliding_window))
+        flags = cfg.sliding_layers
+        uniform = all(f == flags[0] for f in flags)
 
         def layer_fn(layer: DecoderLayer, x, kv, sliding):
-            cos = jnp.where(sliding, cos_l, cos_g)
-            sin = jnp.where(sliding, sin_l, sin_g)
-            mask = jnp.where(sliding, window_mask, full_mask)
+            (cos, sin), mask = _per_layer(rope, masks, flags[0] if uniform else sliding,
+                                          cfg.sliding_window is not None)
             return layer.decode(x, cos, sin, mask, kv, start)
 
         if self.scan_layers:
@@ -153,6 +171,11 @@ class DecoderModel(nnx.Module):
                 kvs.append(kv)
             k, v = (jnp.stack(t) for t in zip(*kvs))
         return self.norm(x), cache._replace(k=k, v=v)
+
+    @property
+    def attention_impl(self) -> str:
+        """The (resolved) attention kernel of the layers."""
+        return (self.layers if self.scan_layers else self.layers[0]).self_attn.attention_impl
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, L] → embeddings [B, L, D] (Gemma: scaled by √D)."""
@@ -173,10 +196,12 @@ class CausalLM(nnx.Module):
     """A decoder-only LM whose parameter tree is the HF state dict (renamed, kernels transposed)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
-                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs | None = None):
+                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs | None = None,
+                 backend: str | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
-        self.model = DecoderModel(cfg, dtype, param_dtype, scan_layers, remat_policy, attention_impl, rngs=rngs)
+        self.model = DecoderModel(cfg, dtype, param_dtype, scan_layers, remat_policy, attention_impl, rngs=rngs,
+                                  backend=backend)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
                                       param_dtype=param_dtype, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
@@ -230,6 +255,19 @@ class CausalLM(nnx.Module):
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """int[B, L] → float32 logits [B, L, V]."""
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+
+def _per_layer(rope, masks, sliding, windowed: bool):
+    """One layer's RoPE table and dense mask (None without masks) from the global/sliding pairs: chosen in Python
+    when ``sliding`` is static (every layer alike), else selected by the traced flag (scanned Gemma2/3 layers)."""
+    (cos_g, sin_g), (cos_l, sin_l) = rope
+    if isinstance(sliding, bool):
+        cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
+        mask = None if masks is None else masks[1 if sliding and windowed else 0]
+        return (cos, sin), mask
+    cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
+    mask = None if masks is None else (jnp.where(sliding, masks[1], masks[0]) if windowed else masks[0])
+    return (cos, sin), mask
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:

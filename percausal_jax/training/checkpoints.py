@@ -78,6 +78,21 @@ def check_layout(saved: dict, current: dict, where) -> None:
         raise UserError(f"{where}: the checkpoint does not match this run's layout ({'; '.join(diffs)})")
 
 
+def check_resumable(workdir: storage.PathLike, layout: dict) -> None:
+    """Before a run loads anything: the newest checkpoint of ``workdir`` (if any) has this run's ``layout``."""
+    if not directory(workdir).is_dir():
+        return
+    mngr = manager(workdir, async_save=False)
+    step = mngr.latest_step()
+    if step is None:
+        return
+    try:
+        saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # noqa: BLE001 - unreadable: restore() falls back to an older step and checks that one
+        return
+    check_layout(saved, {"layout": layout}, mngr.directory / str(step))
+
+
 def read_meta(workdir: storage.PathLike, step: int | None = None) -> tuple[dict, int]:
     mngr = manager(workdir, async_save=False)
     s = step if step is not None else mngr.latest_step()

@@ -4,6 +4,7 @@ metrics (JSONL, TensorBoard, progress bar) → periodic eval → Orbax checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from percausal_jax import atomic, storage
+from percausal_jax.lock import WorkdirLock
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import empty_batch, shape_of
 from percausal_jax.data.pipeline import to_global
@@ -120,12 +122,43 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
             "eval_tokens": tokens}
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """Holds ``WORKDIR/.lock`` (:mod:`percausal_jax.lock`) for the block: taken by process 0 before anything is
+    written, the outcome shared with every process (all exit 2 when the workdir is in use). Yields the lock on
+    process 0, None elsewhere."""
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+            error = UserError(f"{workdir}: process 0 could not take the workdir lock (its error says why)")
+    if error is not None:
+        raise error
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
-    """Runs (or resumes) a training run; returns the last logged metrics."""
+    """Runs (or resumes) a training run, holding the workdir's lock; returns the last logged metrics."""
     if not rc.data.train:
         raise UserError("data.train is not set (--config.data.train=FILE)")
-    workdir = storage.path(workdir)
+    with workdir_lock(workdir) as lock:
+        return _train(rc, storage.path(workdir), progress, lock)
+
+
+def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> dict:
     d, t = rc.data, rc.train
+    checkpoints.check_resumable(workdir, setup.layout(rc, setup.preflight(rc)))  # before data and weights
     train_records = setup.open_records(d, d.train, "data.train")  # bad data fails before the model loads
     eval_records = setup.open_records(d, d.eval, "data.eval") if d.eval else None
     contriever = setup.retriever(d, train_records, eval_records)
@@ -177,6 +210,8 @@ def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
                 writer.write(rec)
             stop = preemption.should_stop(step + 1)
             if (step + 1) % rc.checkpoint.every_steps == 0 or done or stop:
+                if lock is not None:
+                    lock.check()  # a run whose workdir was taken over (its lease expired) writes no more
                 checkpoints.save(mngr, step + 1, state, iterator, meta, force=done or stop)
                 writer.flush()
             bar.update(1)

@@ -120,10 +120,7 @@ class Run:
 
     def layout(self) -> dict:
         """What a checkpoint must match to be restored into this run."""
-        rc = self.config
-        return {"model_type": self.model_config.model_type, "num_params": self.model_config.num_params(),
-                "scan_layers": rc.model.scan_layers, "param_dtype": rc.model.dtype, "lora_rank": rc.lora.rank,
-                "objective": rc.objective.name, "optimizer": rc.optimizer.name}
+        return layout(self.config, self.model_config)
 
     # ------------------------------------------------------------------------------------------------------ data
 
@@ -138,6 +135,25 @@ class Run:
                              pack_counterfactual_len=d.pack_counterfactual_len,
                              pack_response_len=d.pack_response_len, pack_lookahead=d.pack_lookahead,
                              contriever=self.contriever)
+
+
+def layout(rc: RunConfig, model_config: ModelConfig) -> dict:
+    """What a checkpoint must match to be restored into the run of ``rc`` on ``model_config``."""
+    return {"model_type": model_config.model_type, "num_params": model_config.num_params(),
+            "scan_layers": rc.model.scan_layers, "param_dtype": rc.model.dtype, "lora_rank": rc.lora.rank,
+            "objective": rc.objective.name, "optimizer": rc.optimizer.name}
+
+
+def preflight(rc: RunConfig) -> ModelConfig:
+    """The cheap checks of a training run, before any data is read or weights loaded: the mesh and batch, the base
+    model's config.json (a supported model_type) and that its tokenizer fits its vocabulary. Returns the model's
+    architecture."""
+    _check_batch(rc, _mesh(rc, False, None))
+    source = resolve_model_dir(resolve_model_arg(rc.model.path))
+    model_config = read_config(source.local)
+    tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of model.path={rc.model.path}")
+    check_tokenizer(tokenizer, model_config, f"model.path={rc.model.path}")
+    return model_config
 
 
 def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, devices: Sequence | None = None,
@@ -157,6 +173,7 @@ def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, de
         return Run(rc, mesh, mc, graphdef, params, frozen, tx, lr_schedule)
     source = resolve_model_dir(resolve_model_arg(rc.model.path))
     tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of model.path={rc.model.path}")
+    check_tokenizer(tokenizer, read_config(source.local), f"model.path={rc.model.path}")
     m = rc.model
     model = load_pretrained(source.local, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype,
                             scan_layers=m.scan_layers, remat_policy=m.remat_policy, attention_impl=m.attention_impl)
@@ -222,7 +239,8 @@ def _abstract_model(rc: RunConfig, mc: ModelConfig, mesh: Mesh):
 
     def create():
         model = CausalLM(mc, dtype=to_dtype(m.compute_dtype), param_dtype=to_dtype(m.dtype), scan_layers=m.scan_layers,
-                         remat_policy=m.remat_policy, attention_impl=m.attention_impl, rngs=nnx.Rngs(0))
+                         remat_policy=m.remat_policy, attention_impl=m.attention_impl, rngs=nnx.Rngs(0),
+                         backend=mesh.devices.flat[0].platform)  # "auto" picks the kernel of the planned chips
         return apply_lora(model, rc.lora.rank, rc.lora.alpha, rc.lora.targets) if rc.lora.rank > 0 else model
 
     graphdef, params, frozen = nnx.split(nnx.eval_shape(create), nnx.LoRAParam if rc.lora.rank > 0 else nnx.Param,
@@ -263,9 +281,18 @@ class Pretrained:
     source: storage.Resolved
 
 
+def check_tokenizer(tokenizer, model_config: ModelConfig, where: str) -> None:
+    """The tokenizer's ids must index the model's embedding (a larger, padded model vocabulary is fine)."""
+    n = len(tokenizer)
+    if n > model_config.vocab_size:
+        raise UserError(f"{where}: its tokenizer has {n} tokens but the model's vocabulary (config.json vocab_size) "
+                        f"has {model_config.vocab_size}; expected the tokenizer the model was trained with")
+
+
 def pretrained(name: str, dtype: str = "float32") -> Pretrained:
     source = resolve_model_dir(resolve_model_arg(name))
     tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of {name}")
+    check_tokenizer(tokenizer, read_config(source.local), name)
     return Pretrained(load_pretrained(source.local, dtype=dtype), tokenizer, source)
 
 

@@ -1,0 +1,274 @@
+"""The attention kernels against the dense ``xla`` one: the blocked (flash-style) kernel alone and inside models,
+forward and gradients, with padding, packed rows, sliding windows (static and traced flags), soft-capping and GQA;
+the KV-cached decode path of a blocked model; and what ``attention_impl="auto"`` resolves to."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import percausal_jax as pj
+from percausal_jax.config import CHOICES
+from percausal_jax.evaluation.generate import left_pad
+from percausal_jax.models import layers
+from percausal_jax.models.config import ModelConfig
+from percausal_jax.models.decoder import CausalLM
+from tests.helpers import tiny_hf_model, torch_logits
+
+B, L, H, K, DH = 3, 77, 4, 2, 16
+
+
+def _segments_and_positions():
+    """Row 0 left-padded, row 1 packed (segments 1, 2, 3, then right padding), row 2 one full segment."""
+    seg = np.ones((B, L), np.int32)
+    seg[0, :9] = 0
+    seg[1, 20:45], seg[1, 45:70], seg[1, 70:] = 2, 3, 0
+    pos = np.zeros((B, L), np.int32)
+    for b in range(B):
+        start = 0
+        for i in range(1, L + 1):
+            if i == L or seg[b, i] != seg[b, start]:
+                pos[b, start:i] = np.arange(i - start)
+                start = i
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+def _qkv(seed=0, dtype=jnp.float32):
+    rs = np.random.RandomState(seed)
+    return tuple(jnp.asarray(rs.randn(B, L, n, DH), dtype) for n in (H, K, K))
+
+
+CASES = {  # name: (softcap, window, sliding)
+    "causal": (None, None, False),
+    "softcap": (2.0, None, False),
+    "window": (None, 6, True),
+    "window_off": (None, 6, False),  # a windowed model's global layer
+    "window_softcap": (1.5, 5, True),
+}
+BLOCKS = [(16, 16), (32, 64), (64, 512), (13, 7)]  # ragged tiles too
+
+
+@pytest.mark.parametrize("blocks", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_blocked_kernel_matches_xla(case, blocks):
+    softcap, window, sliding = CASES[case]
+    seg, pos = _segments_and_positions()
+    q, k, v = _qkv()
+    valid = (seg > 0)[:, :, None, None]
+    w = jnp.asarray(np.random.RandomState(1).randn(B, L, H, DH), jnp.float32)
+    mask = layers.attention_mask(seg, pos, sliding, window)
+
+    def dense(q, k, v):
+        return layers._xla_attention(q, k, v, mask, 0.3, softcap)
+
+    def blocked(q, k, v):
+        return layers.blocked_attention(q, k, v, seg, pos, scale=0.3, softcap=softcap, window=window,
+                                        sliding=sliding, block_q=blocks[0], block_kv=blocks[1])
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * w * valid)  # padding rows' outputs are read by nobody
+
+    out = blocked(q, k, v)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_allclose(np.asarray(out * valid), np.asarray(dense(q, k, v) * valid), atol=2e-6, rtol=0)
+    g_dense = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    g_blocked = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_blocked, g_dense):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6, rtol=0)
+
+
+def test_blocked_kernel_traced_sliding_flag():
+    """The per-layer flag may be a tracer (scanned Gemma2/3 layers): both values, under jit and grad."""
+    seg, pos = _segments_and_positions()
+    q, k, v = _qkv(2)
+    valid = (seg > 0)[:, :, None, None]
+
+    @jax.jit
+    def both(q, k, v, flag):
+        f = lambda q: jnp.sum(layers.blocked_attention(q, k, v, seg, pos, scale=0.25, window=4, sliding=flag,  # noqa
+                                                       block_q=16, block_kv=32) * valid)
+        return f(q), jax.grad(f)(q)
+
+    for flag in (True, False):
+        mask = layers.attention_mask(seg, pos, flag, 4)
+        f = lambda q: jnp.sum(layers._xla_attention(q, k, v, mask, 0.25, None) * valid)  # noqa: E731
+        out, grad = both(q, k, v, jnp.asarray(flag))
+        np.testing.assert_allclose(float(out), float(f(q)), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(f)(q)), atol=5e-6, rtol=0)
+
+
+def test_blocked_kernel_bfloat16_close_to_xla():
+    seg, pos = _segments_and_positions()
+    q, k, v = _qkv(3, jnp.bfloat16)
+    valid = (seg > 0)[:, :, None, None]
+    mask = layers.attention_mask(seg, pos, False, None)
+    out = layers.blocked_attention(q, k, v, seg, pos, scale=0.25, block_q=16, block_kv=32)
+    assert out.dtype == jnp.bfloat16
+    ref = layers._xla_attention(q, k, v, mask, 0.25, None)
+    np.testing.assert_allclose(np.asarray((out * valid).astype(jnp.float32)),
+                               np.asarray((ref * valid).astype(jnp.float32)), atol=3e-2, rtol=0)
+    g = jax.grad(lambda q: jnp.sum((layers.blocked_attention(q, k, v, seg, pos, scale=0.25, block_q=16,
+                                                             block_kv=32) * valid).astype(jnp.float32)))(q)
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+def test_no_dense_mask_in_the_blocked_model():
+    """With ``blocked`` no [B, 1, L, L] mask (nor any [.., L, L] array) is built; the xla model has them."""
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
+    ids = jnp.zeros((2, 96), jnp.int32)
+
+    def square_arrays(impl):
+        model = CausalLM(cfg, scan_layers=True, attention_impl=impl)
+        text = str(jax.make_jaxpr(lambda m, x: m.hidden_states(x))(model, ids))
+        return "96,96]" in text
+
+    assert square_arrays("xla")
+    assert not square_arrays("blocked")
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+FAMILIES = {
+    "llama_gqa": ("llama", {}),
+    "mistral_window": ("mistral", {"sliding_window": 5}),
+    "qwen3": ("qwen3", {"head_dim": 24}),
+    "gemma2_softcap_window": ("gemma2", {"sliding_window": 5, "attn_logit_softcapping": 1.0,
+                                         "final_logit_softcapping": 2.0}),
+    "gemma3_mixed_layers": ("gemma3_text", {"sliding_window": 5,
+                                            "layer_types": ["sliding_attention", "full_attention"]}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    model_type, overrides = FAMILIES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    return d, tiny_hf_model(model_type, d, **overrides)
+
+
+def _padded_and_packed(vocab: int = 256, n: int = 100):
+    """Row 0 left-padded (3), row 1 two packed sequences (40 + 50) then right padding (10); over one query block."""
+    rs = np.random.RandomState(4)
+    ids = rs.randint(3, vocab, (2, n))
+    seg = np.ones((2, n), np.int32)
+    seg[0, :3] = 0
+    seg[1, 40:90], seg[1, 90:] = 2, 0
+    pos = np.zeros_like(seg)
+    pos[0, 3:] = np.arange(n - 3)
+    pos[1, :40], pos[1, 40:90] = np.arange(40), np.arange(50)
+    return ids, seg, pos
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_blocked_model_matches_transformers(family, scan):
+    d, torch_model = family
+    ids = np.random.RandomState(1).randint(0, 256, (2, 100))  # more than one query block (layers.BLOCK_Q)
+    ours = np.asarray(pj.load_pretrained(d, scan_layers=scan, attention_impl="blocked")(ids))
+    np.testing.assert_allclose(ours, torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_blocked_model_logits_and_grads_match_xla(family, scan):
+    """Padding and packing; the loss reads real rows only (as every objective does)."""
+    d, _ = family
+    ids, seg, pos = _padded_and_packed()
+    real = jnp.asarray(seg > 0)
+
+    def logits_and_grads(impl):
+        model = pj.load_pretrained(d, scan_layers=scan, attention_impl=impl)
+
+        def loss(model):
+            logits = model(ids, positions=pos, segment_ids=seg)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * real), logits
+
+        (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return np.asarray(logits)[seg > 0], jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+    lx, gx = logits_and_grads("xla")
+    lb, gb = logits_and_grads("blocked")
+    np.testing.assert_allclose(lb, lx, atol=2e-5, rtol=0)
+    for a, b in zip(gb, gx):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_blocked_model_cached_decode_equals_full_forward(family, scan):
+    """The KV-cached path (Attention.decode with chunk_attention_mask) of a blocked model gives its full forward."""
+    d, _ = family
+    model = pj.load_pretrained(d, scan_layers=scan, attention_impl="blocked")
+    prompts = [np.random.RandomState(s).randint(3, 256, n).tolist() for s, n in ((0, 9), (1, 3), (2, 6))]
+    tokens, seg, positions, P = left_pad(prompts, 9 + 4)
+    tokens[:, P:] = np.random.RandomState(5).randint(3, 256, (3, 4))
+
+    @nnx.jit
+    def cached_and_full(model, tokens, seg, positions):
+        hidden, cache = model.decode(tokens[:, :P], model.init_cache(seg, positions), 0)
+        chunks = [hidden]
+        for t in range(P, tokens.shape[1]):
+            hidden, cache = model.decode(tokens[:, t:t + 1], cache, t)
+            chunks.append(hidden)
+        return jnp.concatenate(chunks, axis=1), model.hidden_states(tokens, positions, seg)
+
+    cached, full = cached_and_full(model, tokens, seg, positions)
+    np.testing.assert_allclose(np.asarray(cached)[seg == 1], np.asarray(full)[seg == 1], atol=1e-5, rtol=0)
+
+
+def test_remat_policies_with_blocked(tiny_llama_dir):
+    """The custom VJP under jax.checkpoint: every policy gives the logits and gradients of no rematerialization."""
+    ids = np.random.RandomState(0).randint(0, 256, (2, 100))
+    loss = lambda m: (m(ids) ** 2).mean()  # noqa: E731
+
+    def run(policy):
+        model = pj.load_pretrained(tiny_llama_dir, scan_layers=True, remat_policy=policy, attention_impl="blocked")
+        return np.asarray(model(ids)), jax.tree.leaves(nnx.state(nnx.grad(loss)(model), nnx.Param))
+
+    base, ref_grads = run("none")
+    for policy in ("full", "minimal"):
+        logits, grads = run(policy)
+        np.testing.assert_allclose(logits, base, atol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- "auto"
+
+def _cfg(**changes):
+    base = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("backend, dtype, softcap, expected", [
+    ("cpu", jnp.float32, None, "blocked"),
+    ("cpu", jnp.bfloat16, 50.0, "blocked"),
+    ("tpu", jnp.bfloat16, None, "splash"),
+    ("tpu", jnp.float32, 50.0, "blocked"),
+    ("gpu", jnp.bfloat16, None, "cudnn"),
+    ("gpu", jnp.float32, None, "blocked"),
+    ("gpu", jnp.bfloat16, 50.0, "blocked"),
+])
+def test_auto_resolution(backend, dtype, softcap, expected):
+    cfg = _cfg(attn_logit_softcap=softcap)
+    assert layers.resolve_attention_impl("auto", cfg, dtype, backend) == expected
+    assert layers.resolve_attention_impl("xla", cfg, dtype, backend) == "xla"
+
+
+def test_auto_on_tpu_avoids_splash_only_for_mixed_windows_under_scan():
+    mixed = _cfg(model_type="gemma3_text", sliding_window=4, layer_types=("sliding_attention", "full_attention"))
+    assert len(set(mixed.sliding_layers)) == 2
+    assert layers.resolve_attention_impl("auto", mixed, jnp.bfloat16, "tpu", scan_layers=True) == "blocked"
+    assert layers.resolve_attention_impl("auto", mixed, jnp.bfloat16, "tpu", scan_layers=False) == "splash"
+    assert layers.resolve_attention_impl("auto", _cfg(), jnp.bfloat16, "tpu", scan_layers=True) == "splash"
+    assert CausalLM(_cfg(), attention_impl="auto", backend="tpu").model.attention_impl == "splash"
+
+
+def test_auto_on_this_host_is_blocked_and_unknown_names_fail():
+    model = CausalLM(_cfg(), attention_impl="auto")
+    assert model.model.attention_impl == "blocked"
+    with pytest.raises(ValueError, match="attention_impl"):
+        CausalLM(_cfg(), attention_impl="flash")
+    assert set(CHOICES["model.attention_impl"]) == set(layers.ATTENTION_IMPLEMENTATIONS)
