@@ -69,17 +69,34 @@ def _cache_path(url: str) -> pathlib.Path:
     return cache_root() / "remote" / protocol / rest.strip("/")
 
 
+def _version(src: epath.Path) -> str:
+    """What identifies this content of a remote object: its generation (GCS) or content hash / ETag, else size and
+    modification time. A rewrite of the same size changes it (the size alone would not)."""
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(os.fspath(src))
+    info = fs.info(p)
+    for key in ("generation", "md5Hash", "crc32c", "ETag", "etag"):
+        if info.get(key):
+            return f"{key}={info[key]}"
+    return f"size={info.get('size')} mtime={info.get('mtime') or info.get('updated') or info.get('LastModified')}"
+
+
 def _fetch(src: epath.Path, dest: pathlib.Path) -> None:
-    """Copies one remote file to ``dest`` unless a file of the same size is there; via a temporary + rename."""
-    size = src.stat().length
-    if dest.is_file() and dest.stat().st_size == size:
+    """Copies one remote file to ``dest`` unless the copy there is of the same object version (``_version``,
+    recorded next to it); via a temporary + rename."""
+    version = _version(src)
+    stamp = dest.with_name(f".{dest.name}.version")
+    if dest.is_file() and stamp.is_file() and stamp.read_text() == version:
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
         with src.open("rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, length=16 << 20)
+        stamp.unlink(missing_ok=True)  # never a stamp that vouches for the previous content
         os.replace(tmp, dest)
+        stamp.write_text(version)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

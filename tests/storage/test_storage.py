@@ -87,6 +87,10 @@ def test_local_dir_copies_a_remote_directory_once(gcs, tmp_path, monkeypatch):
     assert local.is_relative_to(tmp_path / "cache")
     only = storage.local_dir(url, include=("*.json",))
     assert only == local
+    # a rewrite of the same size (a new object generation) is fetched again, not served from the cache
+    (src / "config.json").write_text("[]")
+    upload_tree(src, url)
+    assert (storage.local_dir(url) / "config.json").read_text() == "[]"
 
 
 def test_mirror_uploads_changed_files_whole(gcs):
