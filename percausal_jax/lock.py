@@ -82,18 +82,23 @@ class _LocalFile:
 
     def create(self, data: bytes):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.path.parent)
+        tmp = self._durable_copy(data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, self.path)
             return data
         except FileExistsError:
             return None
         finally:
             os.unlink(tmp)
+
+    def _durable_copy(self, data: bytes) -> str:
+        """A temporary file next to the lock holding ``data``, on disk (fsync) before it is linked or renamed."""
+        fd, tmp = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
 
     def read(self):
         try:
@@ -129,12 +134,7 @@ class _LocalFile:
             current = self.read()
             if current is None or current[1] != token:
                 return None
-            fd, tmp = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(self._durable_copy(data), self.path)
             return data
 
     def delete(self, token) -> bool:

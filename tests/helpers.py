@@ -94,3 +94,23 @@ def with_config(model, **changes):
         rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, nnx.state(model))
+
+
+def cached_and_full_hidden(model, tokens, seg, positions, prompt_len: int):
+    """One jitted program: a KV-cached prefill of ``tokens[:, :prompt_len]`` then single-token decode steps, and the
+    uncached forward of all ``tokens`` → (cached hidden states, full hidden states), both [B, L, D]."""
+    import functools
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @functools.partial(nnx.jit, static_argnames="P")
+    def run(model, tokens, seg, positions, P):
+        hidden, cache = model.decode(tokens[:, :P], model.init_cache(seg, positions), 0)
+        chunks = [hidden]
+        for t in range(P, tokens.shape[1]):
+            hidden, cache = model.decode(tokens[:, t:t + 1], cache, t)
+            chunks.append(hidden)
+        return jnp.concatenate(chunks, axis=1), model.hidden_states(tokens, positions, seg)
+
+    return run(model, tokens, seg, positions, P=prompt_len)

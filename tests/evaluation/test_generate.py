@@ -1,14 +1,12 @@
 """KV-cache decoding (`generate`) against full recomputation (`greedy_generate`) and transformers' `generate`."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import percausal_jax as pj
 from percausal_jax.evaluation.generate import generate, greedy_generate, left_pad, process_logits
-from tests.helpers import tiny_hf_model
+from tests.helpers import cached_and_full_hidden, tiny_hf_model
 
 FAMILIES = {
     "llama_gqa": ("llama", {}),  # 4 query heads, 2 KV heads
@@ -61,16 +59,7 @@ def test_cached_decode_equals_full_forward(family_dir, scan):
     tokens, seg, positions, P = left_pad(prompts, max(PROMPT_LENGTHS) + extra)
     tokens[:, P:] = np.random.RandomState(1).randint(3, 256, (len(prompts), extra))
 
-    @nnx.jit
-    def cached_and_full(model, tokens, seg, positions):  # one program: prefill, then 5 single-token steps
-        hidden, cache = model.decode(tokens[:, :P], model.init_cache(seg, positions), 0)
-        chunks = [hidden]
-        for t in range(P, tokens.shape[1]):
-            hidden, cache = model.decode(tokens[:, t:t + 1], cache, t)
-            chunks.append(hidden)
-        return jnp.concatenate(chunks, axis=1), model.hidden_states(tokens, positions, seg)
-
-    cached, full = cached_and_full(model, tokens, seg, positions)
+    cached, full = cached_and_full_hidden(model, tokens, seg, positions, P)  # one program
     real = seg == 1
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
 

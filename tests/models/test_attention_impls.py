@@ -16,7 +16,7 @@ from percausal_jax.evaluation.generate import left_pad
 from percausal_jax.models import layers
 from percausal_jax.models.config import ModelConfig
 from percausal_jax.models.decoder import CausalLM
-from tests.helpers import tiny_hf_model, torch_logits
+from tests.helpers import cached_and_full_hidden, tiny_hf_model, torch_logits
 
 B, L, H, K, DH = 3, 77, 4, 2, 16
 
@@ -204,16 +204,7 @@ def test_blocked_model_cached_decode_equals_full_forward(family, scan):
     tokens, seg, positions, P = left_pad(prompts, 9 + 4)
     tokens[:, P:] = np.random.RandomState(5).randint(3, 256, (3, 4))
 
-    @nnx.jit
-    def cached_and_full(model, tokens, seg, positions):
-        hidden, cache = model.decode(tokens[:, :P], model.init_cache(seg, positions), 0)
-        chunks = [hidden]
-        for t in range(P, tokens.shape[1]):
-            hidden, cache = model.decode(tokens[:, t:t + 1], cache, t)
-            chunks.append(hidden)
-        return jnp.concatenate(chunks, axis=1), model.hidden_states(tokens, positions, seg)
-
-    cached, full = cached_and_full(model, tokens, seg, positions)
+    cached, full = cached_and_full_hidden(model, tokens, seg, positions, P)
     np.testing.assert_allclose(np.asarray(cached)[seg == 1], np.asarray(full)[seg == 1], atol=1e-5, rtol=0)
 
 
