@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	-bash scripts/install_wordnet.sh
+	-bash scripts/install_chromium.sh
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

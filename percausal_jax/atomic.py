@@ -171,7 +171,11 @@ class Mirror:
                 self._synced[rel] = sig
         self._last_sync = time.monotonic()
 
-    def close(self) -> None:
-        self.sync()
-        if self.remote:
-            shutil.rmtree(self.local, ignore_errors=True)
+    def close(self, upload: bool = True) -> None:
+        """Final :meth:`sync` (skipped with ``upload=False``: the storage is known to be failing) and clean-up."""
+        try:
+            if upload:
+                self.sync()
+        finally:
+            if self.remote:
+                shutil.rmtree(self.local, ignore_errors=True)

@@ -1,15 +1,19 @@
 """The ``percausal`` command line. Each subcommand lives in its own module and exposes ``register(subparsers)``.
 
-Bad input raises :class:`percausal_jax.errors.UserError`; here it becomes one line on stderr and exit code 2.
+Bad input raises :class:`percausal_jax.errors.UserError`; here it becomes one line on stderr and exit code 2
+(3 for a :class:`~percausal_jax.errors.StorageError`: the disk or bucket failed, the input was fine).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
-from percausal_jax.errors import UserError
+from percausal_jax.errors import StorageError, UserError
+
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left / file too large (ulimit -f) / over quota
 
 # subcommand name -> module that defines register(subparsers); imported lazily so `percausal --help` is fast.
 SUBCOMMANDS = {
@@ -57,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"percausal {args.command}: error: {e}", file=sys.stderr)
-        return UserError.exit_code
+        return e.exit_code
+    except OSError as e:  # a write that ran out of room (atomic writers have already removed their temporary file)
+        if e.errno not in FULL:
+            raise
+        what = f"{e.filename}: " if e.filename else ""
+        print(f"percausal {args.command}: error: {what}{e.strerror} (the disk is full or over a file-size limit); "
+              "nothing partial was published: make room and re-run the same command", file=sys.stderr)
+        return StorageError.exit_code
 
 
 if __name__ == "__main__":

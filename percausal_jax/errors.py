@@ -14,6 +14,14 @@ class UserError(Exception):
     exit_code = 2
 
 
+class StorageError(UserError):
+    """The storage (disk or object store) failed under a command that was given good input: full, gone, or
+    unreachable after bounded retries. One line, like a :class:`UserError`, but exit code 3: re-running the same
+    command once the storage is back is the fix."""
+
+    exit_code = 3
+
+
 def where(path: object, line: int | None = None, field: str | None = None) -> str:
     """Formats a location prefix: ``file.jsonl:12: field 'output'``."""
     s = str(path)

@@ -315,6 +315,13 @@ class WorkdirLock:
             raise UserError(f"{self.workdir}: the workdir lock was taken over by another run ({self.lost}); "
                             "stopping so that only one run writes it")
 
+    def abandon(self) -> None:
+        """Stops the heartbeat and leaves the lock file in place (the storage is failing: a delete would only
+        retry); the next run on this workdir takes it over, as from any dead run."""
+        self._stop.set()
+        with self._mutex:
+            self.record = None
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -38,6 +38,11 @@ def _configure_emulators() -> None:
 
 
 _configure_emulators()  # before gcsfs or tensorstore read their environment
+# gcsfs logs "out of retries" as an ERROR with a traceback before it raises; the raise reaches the user (as one
+# StorageError line where a command writes, see training.checkpoints.storage_errors), the traceback need not
+import logging  # noqa: E402
+
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 from etils import epath  # noqa: E402
 

@@ -29,17 +29,20 @@ def binary() -> Path:
 
 
 class GcsServer:
-    """``fake-gcs-server`` on ``127.0.0.1:port``; :meth:`stop` / :meth:`start` simulate an outage (the in-memory
-    backend forgets its objects on restart)."""
+    """``fake-gcs-server`` on ``127.0.0.1:port``; :meth:`stop` / :meth:`start` simulate an outage. The in-memory
+    backend forgets its objects on restart; with ``root`` (the filesystem backend) they survive it."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, root: Path | None = None):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.root = root
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "GcsServer":
+        backend = ["-backend", "memory"] if self.root is None else ["-backend", "filesystem", "-filesystem-root",
+                                                                    str(self.root)]
         self.proc = subprocess.Popen(
-            [str(binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "memory",
+            [str(binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), *backend,
              "-public-host", f"127.0.0.1:{self.port}", "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -66,11 +69,91 @@ class GcsServer:
         urllib.request.urlopen(req, timeout=10)
         return f"gs://{name}"
 
+    def read(self, bucket_url: str, name: str) -> bytes:
+        """One object's bytes (the JSON API's media download)."""
+        from urllib.parse import quote
+
+        bucket = bucket_url.removeprefix("gs://").split("/")[0]
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o/{quote(name, safe='')}?alt=media",
+                                    timeout=10) as r:
+            return r.read()
+
     def objects(self, bucket_url: str) -> list[str]:
         """Every object name in the bucket (straight from the server's JSON API)."""
         name = bucket_url.removeprefix("gs://").split("/")[0]
         with urllib.request.urlopen(f"{self.url}/storage/v1/b/{name}/o", timeout=10) as r:
             return sorted(item["name"] for item in json.load(r).get("items", []))
+
+
+class KillSwitch:
+    """A loopback TCP relay in front of a :class:`GcsServer` that kills the server the moment a request names
+    ``trigger`` (e.g. an object of one checkpoint step): the server process dies mid-request, the relay drops every
+    connection and stops listening, so a client sees exactly what a storage outage looks like. ``fired`` is set
+    once it has happened. Clients point their emulator variables at ``url``."""
+
+    def __init__(self, server: GcsServer, trigger: str):
+        import threading
+
+        self.server, self.trigger, self.fired = server, trigger, threading.Event()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.fired.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.server.port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
+        from urllib.parse import unquote_to_bytes
+
+        needle = self.trigger.encode()
+        try:
+            while data := src.recv(65536):
+                if watch and needle in unquote_to_bytes(data):  # names are %-encoded in URLs
+                    self._fire()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self.fired.is_set():
+                return
+            self.server.stop()
+            self.fired.set()
+            self.listener.close()
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
 
 
 def upload_tree(local: Path, url: str) -> str:

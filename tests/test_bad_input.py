@@ -32,6 +32,7 @@ def env(tmp_path_factory):
     (mamba / "config.json").write_text(json.dumps({**json.loads((root / "model" / "config.json").read_text()),
                                                    "model_type": "mamba"}))
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]))
     (root / "badtype.py").write_text("from configs.base import get_config as base\n\n\ndef get_config():\n"
                                      "    c = base()\n    c.train.steps = '100'\n    return c\n")
     run = root / "run"
@@ -92,8 +93,9 @@ def A(id, *extra, topology="v5e:2x2", model="model", expect):
 
 def W(id, *extra, expect):
     return Case(f"sweep-{id}", lambda r: ["sweep", "--config", "configs/tiny.py", "--out", str(r / "sw"), "--train",
-                                          str(r / "data.jsonl"), "--test", str(r / "data.jsonl"),
-                                          f"--config.model.path={r / 'model'}", *extra], expect, ("sw",))
+                                          str(r / "data.jsonl"), "--val", str(r / "val.jsonl"), "--test",
+                                          str(r / "data.jsonl"), f"--config.model.path={r / 'model'}", *extra],
+                expect, ("sw",))
 
 
 CASES = [
@@ -180,6 +182,17 @@ CASES = [
     W("unknown-objective", "--objectives", "ce,perse", expect=("'perse'", "unknown objective")),
     W("steps-0", "--config.train.steps=0", expect=("train.steps=0",)),
     W("max-new-tokens-0", "--max-new-tokens", "0", expect=("--max-new-tokens=0",)),
+    W("val-is-test", "--val", "{r}/data.jsonl", expect=("is the --test file",)),
+    W("unknown-knob", "--objectives", "ce,perce[clip_mx=2]", expect=("perce has no knob 'clip_mx'", "'clip_max'")),
+    W("knob-type", "--objectives", "perce[clip_max=big]", expect=("objective.perce.clip_max",)),
+    W("knob-range", "--objectives", "perce[clip_max=0.5,clip_min=1]", expect=("clip_min=1.0 > ",)),
+    W("brackets", "--objectives", "perce[clip_max=2", expect=("unbalanced brackets",)),
+    W("select", "--select", "bleu", expect=("--select 'bleu'", "rougeL")),
+    W("seeds", "--seeds", "0,x", expect=("--seeds '0,x'", "comma-separated integers")),
+    W("negative-seed", "--seeds", "0,-1", expect=("seed=-1",)),
+    W("seed-override", "--config.seed=3", expect=("--config.seed=3", "use --seeds")),
+    W("val-missing", "--val", "{r}/nope.jsonl", expect=("--val", "nope.jsonl: no such file")),
+    W("select-needs-spans", "--select", "span_recall", expect=("--select span_recall", "personal_spans")),
 ]
 
 def _snapshot(d: Path) -> dict:

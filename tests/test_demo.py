@@ -24,6 +24,8 @@ def test_demo_pipeline_end_to_end(smollm2_dir, tmp_path, capsys):
         m = json.loads((out / "eval" / f"{method}.metrics.json").read_text())
         assert m["n"] == 2 and 0.0 <= m["rouge1"] <= 1.0 and "span_recall" in m
     assert "perce + contrast β=1" in page  # the report's contrastive-decoding row
+    assert page.count('<img src="data:image/png;base64,') == 2  # eval NLL vs step, test metrics as bars
+    assert (out / "nll_curves.png").read_bytes().startswith(b"\x89PNG") and (out / "test_metrics.png").exists()
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(out / "export" / "perce")) is not None

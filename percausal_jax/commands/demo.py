@@ -104,11 +104,26 @@ def run(args) -> int:
              + (f" The last row decodes the PerCE model profile-contrastively (<code>percausal eval --contrast "
                 f"{args.contrast:g}</code>: z_h + β·(z_h − z_0), plausibility 0.1): no training, the profile's "
                 "effect amplified at inference." if args.contrast > 0 else ""))
-    report = write_report(out / "report.html", results=results,
-                          train_metrics={m: read_jsonl(runs / m / "metrics.jsonl") for m in METHODS},
-                          preds=preds, scored=scored, notes=notes)
+    train_metrics = {m: read_jsonl(runs / m / "metrics.jsonl") for m in METHODS}
+    report = write_report(out / "report.html", results=results, train_metrics=train_metrics,
+                          preds=preds, scored=scored, notes=notes, plots=_plots(out, train_metrics, results))
     _print_summary(results, time.perf_counter() - t_start, report)
     return 0
+
+
+def _plots(out: Path, train_metrics: dict[str, list[dict]], results: dict[str, dict]) -> list:
+    """PNGs next to the report: eval NLL vs step (personal / generic tokens when the runs split it, on the test
+    users: data.eval) and the test metrics as bars (one run per method: no error bars)."""
+    from percausal_jax.evaluation import plots
+    from percausal_jax.evaluation.stats import summarize
+
+    curves = plots.nll_curves({m: [rows] for m, rows in train_metrics.items()}, out / "nll_curves.png",
+                              "held-out users (data.eval), one run per method")
+    keys = ("nll_personal", "nll_generic", "rouge1", "rougeL", "meteor", "span_recall")
+    stats = {name: {k: summarize([r[k]]) for k in keys if isinstance(r.get(k), (int, float))}
+             for name, r in results.items()}
+    bars = plots.metric_bars(stats, keys, out / "test_metrics.png", "test users, one run per method")
+    return [p for p in (curves, bars) if p is not None]
 
 
 def _mesh_overrides(config: Path) -> list[str]:

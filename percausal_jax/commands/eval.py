@@ -39,7 +39,8 @@ def run(args) -> int:
     from percausal_jax import storage
     from percausal_jax.atomic import write_text
     from percausal_jax.data.featurize import FeaturizeConfig
-    from percausal_jax.evaluation.evaluate import DecodeConfig, generate_for_records, read_eval_records, score
+    from percausal_jax.evaluation.evaluate import (DecodeConfig, generate_for_records, read_eval_records, score,
+                                                   teacher_forced_nll)
 
     from percausal_jax.commands._args import DECODE, check
 
@@ -57,7 +58,7 @@ def run(args) -> int:
         from percausal_jax.training.export import restore_model
 
         model, run_, _, _ = restore_model(args.workdir, args.step, getattr(args, "overrides", ()))
-        tokenizer, fcfg = run_.tokenizer, run_.featurize_config
+        tokenizer, fcfg, chunk = run_.tokenizer, run_.featurize_config, run_.config.vocab_chunk_size
         if args.template:
             fcfg = dataclasses.replace(fcfg, template=args.template)
     else:
@@ -65,11 +66,13 @@ def run(args) -> int:
 
         loaded = pretrained(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer
-        fcfg = FeaturizeConfig(template=args.template or "chat")
+        fcfg, chunk = FeaturizeConfig(template=args.template or "chat"), 8192
     dcfg = DecodeConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                         args.seed, args.batch_size, args.contrast, args.plausibility)
     rows = generate_for_records(model, tokenizer, records, fcfg, dcfg, progress=not args.no_progress)
     result = score(rows, records, args.task, meteor=not args.no_meteor)
+    # with personal_spans: teacher-forced NLL of the references' personal / generic tokens (nll_personal, ...)
+    result.update(teacher_forced_nll(model, tokenizer, records, fcfg, args.batch_size, chunk))
     out = storage.path(args.out)  # local or gs://; each file written whole
     write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     metrics_path = storage.path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")

@@ -36,6 +36,10 @@ surrounding whitespace differs there) and no BPE merge crosses the prompt/respon
 choice). Prompts get the tokenizer's BOS (``add_special_tokens=True``) only with template ``"none"``, since a
 chat-rendered prompt already holds its special tokens.
 
+A record with ``personal_spans`` also gets each response token's class, personal or generic (the end token
+generic), by the character-overlap rule of :mod:`percausal_jax.evaluation.token_nll`: evaluation splits the NLL
+by it; training ignores it.
+
 Examples that cannot be used are *dropped and counted*, not errors: ``prompt_too_long`` (a prompt exceeds
 ``max_prompt_len`` even with zero profile items; the counterfactual prompt is checked too) and
 ``response_too_long`` (more than ``max_response_len`` ids including the end token, unless ``truncate_response``:
@@ -56,6 +60,7 @@ from percausal_jax.data.prompts import MODES, Mode, Prompt, build_pair, get_task
 from percausal_jax.data.records import detect_kind
 from percausal_jax.data.retrieval import METHODS, Contriever, Method, PromptTooLong, fit_to_budget, top_k
 from percausal_jax.errors import UserError
+from percausal_jax.evaluation.token_nll import response_classes
 
 BudgetMode = Literal["drop", "truncate"]
 DROP_REASONS = ("prompt_too_long", "response_too_long")
@@ -166,7 +171,8 @@ class Featurizer:
         limit = self.cfg.max_prompt_len
         if limit is not None and max(len(prompt), len(prompt_no_profile)) > limit:
             return Dropped("prompt_too_long")
-        response = encode(texts.completion, False) + list(self.response_end(texts.template))
+        text_ids = encode(texts.completion, False)
+        response = text_ids + list(self.response_end(texts.template))
         limit = self.cfg.max_response_len
         truncated = limit is not None and len(response) > limit
         if truncated:
@@ -177,8 +183,10 @@ class Featurizer:
             raise UserError(f"record {_name(record)}: a prompt tokenizes to zero tokens, but the first response "
                             "token must be predicted from at least one; use template 'chat' or a tokenizer that "
                             "adds a BOS token")
-        return Kept(PairedExample(tuple(prompt), tuple(prompt_no_profile), tuple(response)), texts.items_used,
-                    truncated)
+        classes = response_classes(self.tokenizer, texts.completion, text_ids, len(response),
+                                   record.get("personal_spans") if detect_kind(record) != "trl" else None)
+        return Kept(PairedExample(tuple(prompt), tuple(prompt_no_profile), tuple(response), classes),
+                    texts.items_used, truncated)
 
     def response_end(self, template: Template) -> tuple[int, ...]:
         """The ids appended to every response of prompts rendered with ``template``: the chat template's

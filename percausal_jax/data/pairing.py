@@ -13,6 +13,9 @@ This module is the one place the contract lives:
    of the sequence)``, so ``sum(seq_weight)`` counts sequences (per-sequence normalization).
 5. Packing places several examples in one row with segment ids 1, 2, ... and positions restarting at 0; the index
    arrays then point into the packed row, so objectives never see the difference.
+6. ``token_class`` labels each response slot for evaluation only (objectives never read it): personal / generic
+   for records with ``personal_spans``, 0 (unclassified) otherwise and on padding
+   (:mod:`percausal_jax.evaluation.token_nll`).
 
 ::
 
@@ -20,7 +23,8 @@ This module is the one place the contract lives:
       personal:        tokens, positions, segment_ids     int32[B, Lp]
       counterfactual:  tokens, positions, segment_ids     int32[B, Lc]
       response:        ids int32[B, R], weight f32[B, R], seq_weight f32[B, R],
-                       index_personal int32[B, R], index_counterfactual int32[B, R], segment_ids int32[B, R]
+                       index_personal int32[B, R], index_counterfactual int32[B, R], segment_ids int32[B, R],
+                       token_class int32[B, R]
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ from flax import struct
 
 @dataclasses.dataclass(frozen=True)
 class PairedExample:
-    """One example's ids: two prompts and the shared response (EOS already appended)."""
+    """One example's ids: two prompts and the shared response (EOS already appended), and optionally each response
+    token's class (:mod:`percausal_jax.evaluation.token_nll`; None: unclassified)."""
 
     prompt_ids: tuple[int, ...]
     prompt_no_profile_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
+    response_class: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.prompt_ids or not self.prompt_no_profile_ids:
             raise ValueError("both prompts need at least one token (the first response token is predicted from it)")
         if not self.response_ids:
             raise ValueError("empty response")
+        if self.response_class is not None and len(self.response_class) != len(self.response_ids):
+            raise ValueError(f"{len(self.response_class)} token classes for {len(self.response_ids)} response ids")
 
     @property
     def personal_len(self) -> int:
@@ -83,6 +91,7 @@ class Response:
     index_personal: np.ndarray  # int32[B, R]
     index_counterfactual: np.ndarray  # int32[B, R]
     segment_ids: np.ndarray  # int32[B, R]: the packed segment (1, 2, ...) of each response slot, 0 = padding
+    token_class: np.ndarray  # int32[B, R]: 2 personal, 1 generic, 0 unclassified / padding (evaluation only)
 
 
 @struct.dataclass
@@ -110,7 +119,7 @@ class PairedBatch:
         R = response_len
         return cls(seq(personal_len), seq(counterfactual_len),
                    Response(leaf(R, np.int32), leaf(R, np.float32), leaf(R, np.float32), leaf(R, np.int32),
-                            leaf(R, np.int32), leaf(R, np.int32)))
+                            leaf(R, np.int32), leaf(R, np.int32), leaf(R, np.int32)))
 
 
 def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterfactual_len: int,
@@ -129,6 +138,7 @@ def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterf
     idx_p = np.zeros((B, response_len), np.int32)
     idx_c = np.zeros((B, response_len), np.int32)
     seg_r = np.zeros((B, response_len), np.int32)
+    cls = np.zeros((B, response_len), np.int32)
     for b, examples in enumerate(rows):
         off_p = off_c = off_r = 0
         for seg, ex in enumerate(examples, start=1):
@@ -145,10 +155,12 @@ def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterf
             idx_p[b, sl] = off_p + len(ex.prompt_ids) - 1 + np.arange(n)
             idx_c[b, sl] = off_c + len(ex.prompt_no_profile_ids) - 1 + np.arange(n)
             seg_r[b, sl] = seg
+            if ex.response_class is not None:
+                cls[b, sl] = ex.response_class
             off_p += ex.personal_len
             off_c += ex.counterfactual_len
             off_r += n
-    return PairedBatch(P, C, Response(ids, weight, seq_weight, idx_p, idx_c, seg_r))
+    return PairedBatch(P, C, Response(ids, weight, seq_weight, idx_p, idx_c, seg_r, cls))
 
 
 def _empty(B: int, L: int) -> Sequences:

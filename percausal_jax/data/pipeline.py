@@ -4,7 +4,7 @@
 
     source (JSONL/parquet list, ArrayRecord, TFDS data source)    records, decoded and validated lazily
       → MapDataset.source → .seed(seed).shuffle() → .repeat(num_epochs)
-      → [process_index::process_count]                             disjoint, complete per-process shards
+      → BlockShard                                                 per process: its rows of each global batch
       → .map(Featurizer)                                           Kept | Dropped, 1:1, so still random access
       → .to_iter_dataset(ReadOptions) [→ .mp_prefetch(workers)]    featurization in threads / worker processes
       → PairedBatchIterator                                        skip+count drops, batch, pack, bucket, collate
@@ -37,7 +37,7 @@ the pending pool itself (token id lists as JSON ints, so a restore never re-read
 (``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``). The pool makes a packed state ~2 MB per
 process at LongLaMP lengths (64 examples of ~1.4k ids, one id per line in Grain's indented JSON).
 
-Note for multi-host training with a finite ``num_epochs``: shards can differ by one example and drops differ per
+Note for multi-host training with a finite ``num_epochs``: shards can differ by up to a batch and drops differ per
 process, so hosts may see different numbers of batches; train with ``num_epochs=None`` and a step count.
 """
 
@@ -55,6 +55,7 @@ import grain
 from percausal_jax import storage
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, FeaturizeStats, Featurizer, Kept
 from percausal_jax.data.pairing import PairedBatch, PairedExample, collate, shape_of
+from percausal_jax.data.process_shard import BlockShard
 from percausal_jax.data.records import (SkipReport, detect_kind, read_records, validate_canonical, validate_prompt,
                                         validate_trl)
 from percausal_jax.data.retrieval import Contriever
@@ -228,14 +229,19 @@ def _lengths(ex: PairedExample) -> tuple[int, int, int]:
 
 def _kept_to_json(kept: Kept) -> dict:
     ex = kept.example
-    return {"prompt_ids": list(ex.prompt_ids), "prompt_no_profile_ids": list(ex.prompt_no_profile_ids),
-            "response_ids": list(ex.response_ids), "items_used": kept.items_used, "truncated": kept.truncated}
+    out = {"prompt_ids": list(ex.prompt_ids), "prompt_no_profile_ids": list(ex.prompt_no_profile_ids),
+           "response_ids": list(ex.response_ids), "items_used": kept.items_used, "truncated": kept.truncated}
+    if ex.response_class is not None:
+        out["response_class"] = list(ex.response_class)
+    return out
 
 
 def _kept_from_json(state: dict) -> Kept:
+    classes = state.get("response_class")  # absent: unclassified, and in pools saved before classes existed
     ex = PairedExample(tuple(int(i) for i in state["prompt_ids"]),
                        tuple(int(i) for i in state["prompt_no_profile_ids"]),
-                       tuple(int(i) for i in state["response_ids"]))
+                       tuple(int(i) for i in state["response_ids"]),
+                       None if classes is None else tuple(int(c) for c in classes))
     return Kept(ex, int(state["items_used"]), bool(state["truncated"]))
 
 
@@ -412,7 +418,7 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
     ds = grain.MapDataset.source(records)
     if shuffle:
         ds = ds.seed(seed).shuffle()
-    ds = ds.repeat(num_epochs)[process_index::process_count].map(featurizer)
+    ds = BlockShard(ds.repeat(num_epochs), per_process_batch_size, process_index, process_count).map(featurizer)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=max(2 * per_process_batch_size, 16)))
     if worker_count > 0:

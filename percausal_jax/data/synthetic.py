@@ -1,24 +1,45 @@
 """percausal synth: a synthetic personalization task with a planted, token-visible style per user.
 
 Each user gets a fixed style: an opening line, a preferred adjective, an invented word and a sign-off with their name
-(e.g. ``"Stay zesty, Marla!"`` and ``"glimmerous"``). Every text the user writes, profile items and targets alike,
-combines that style with generic content drawn from a small fixed set of product-review sentences. So the style
+(e.g. ``"Stay zesty, Marla!"`` and ``"glimmerous"``). Targets combine that style with generic content, so the style
 can only be predicted from the profile, the generic part from the input: the profile-free (counterfactual) prompt
 explains the generic tokens but not the personal ones, which is what token-level causal objectives should find.
 
 Records are canonical (``task="synthetic"``, profile items ``{id, text, date}``) and carry ``personal_spans``:
-``[start, end)`` character spans of ``output`` that come from the user's style (each also occurs in every profile
-text). Targets are about 20–35 words, short enough for a 135M model to pick up the styles in minutes on CPU.
-Everything is deterministic given the seed; a user's style does not depend on how many users are generated.
-Train/test are split by user, so test users are unseen ("cold start", as LongLaMP's user setting).
+``[start, end)`` character spans of ``output`` that are exactly the planted style pieces (four per target).
+Targets are about 25–30 words, short enough for a 135M model to pick up the styles in minutes on CPU.
+Everything is deterministic given the seed (and level); a user's data does not depend on how many users are
+generated. Train/test are split by user, so test users are unseen ("cold start", as LongLaMP's user setting);
+``--val-users N`` adds ``val.jsonl`` with N further users (generated after the others: train/test are unchanged).
+
+``--difficulty`` (``easy`` is the default and the original generator, byte for byte):
+
+* **easy**: every profile text carries all four pieces verbatim; targets copy them verbatim. The generic content is
+  one of a few fixed review sentences (not predictable from the query) plus the product named in the query.
+* **medium**: a third of the profile items (rounded down) are *distractors*, written in other random styles (no
+  piece shared with the user's or, up to 9 distractors, with each other's); each of the user's pieces appears in
+  only 3 of the user's own items (random subsets, so an own item may miss pieces). The target uses the adjective
+  *inflected*: an adjective in the profile ("plucky"), an adverb in the target ("pluckily"); the other pieces are
+  verbatim. The generic content comes from the query: it lists two facts ("it arrived in 9 days; setup took 11
+  minutes") that the target restates in fixed sentences.
+* **hard**: half of the profile items are distractors; each piece appears in only 2 own items; the invented word
+  is inflected too ("quiberous" in the profile, "quiberously" in the target). With retrieval of k < all items the
+  prompt may hold a piece once, or not at all.
+
+``personal_spans`` mark exactly the planted pieces of the target, inflected forms included. Fraction of the
+targets' tokens that are personal, with SmolLM2's tokenizer (end token excluded; the default ``synth`` shape of 20
+users × 8 targets, 6 profile items, seeds 0 / 1): easy 0.439 / 0.447, medium 0.417 / 0.414, hard 0.424 / 0.417
+(the levels differ in how the profile hides the style, not in how much of a target is style).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import random
 from pathlib import Path
+from typing import Sequence
 
 from percausal_jax.data.prompts import PLACEHOLDER, TASKS, Mode, Prompt, Task
 from percausal_jax.data.files import write_jsonl
@@ -47,22 +68,37 @@ INVENTED_SENTENCES = ["Truly a {word} {product}.", "Honestly {word} stuff.", "Pu
 HEADER = "Past texts by this user:"
 
 
-def generate(n_users: int, items_per_user: int, outputs_per_user: int, seed: int) -> list[dict]:
-    """All records, user by user: ``outputs_per_user`` canonical records per user sharing one profile."""
+def generate(n_users: int, items_per_user: int, outputs_per_user: int, seed: int, difficulty: str = "easy",
+             first_user: int = 0) -> list[dict]:
+    """All records, user by user (users ``first_user`` … ``first_user + n_users − 1``): ``outputs_per_user``
+    canonical records per user sharing one profile. A user's records depend only on the seed, the difficulty and
+    the user's index."""
+    if difficulty not in LEVELS:
+        raise UserError(f"--difficulty {difficulty!r}: expected one of {', '.join(LEVELS)}")
     records = []
-    for u in range(n_users):
-        rng = random.Random(f"percausal-synth:{seed}:{u}")
-        style = _draw_style(rng)
-        user_id = f"u{u:04d}"
-        day0 = datetime.date(2024, 1, 1)
-        profile = [{"id": f"{user_id}-p{i}", "text": _write(rng, style, rng.choice(PRODUCTS))[0],
-                    "date": (day0 + datetime.timedelta(days=i)).isoformat()} for i in range(items_per_user)]
-        for j in range(outputs_per_user):
-            product = rng.choice(PRODUCTS)
-            output, spans = _write(rng, style, product)
-            records.append({"id": f"{user_id}-{j}", "user_id": user_id, "task": "synthetic",
-                            "input": f"Write a short review of the {product}.", "output": output,
-                            "profile": profile, "personal_spans": spans})
+    for u in range(first_user, first_user + n_users):
+        if difficulty == "easy":
+            records += _easy_user(u, items_per_user, outputs_per_user, seed)
+        else:
+            records += _planted_user(u, items_per_user, outputs_per_user, seed, difficulty)
+    return records
+
+
+def _easy_user(u: int, items_per_user: int, outputs_per_user: int, seed: int) -> list[dict]:
+    """Level easy: every profile text carries all four style pieces verbatim, as do the targets."""
+    records = []
+    rng = random.Random(f"percausal-synth:{seed}:{u}")
+    style = _draw_style(rng)
+    user_id = f"u{u:04d}"
+    day0 = datetime.date(2024, 1, 1)
+    profile = [{"id": f"{user_id}-p{i}", "text": _write(rng, style, rng.choice(PRODUCTS))[0],
+                "date": (day0 + datetime.timedelta(days=i)).isoformat()} for i in range(items_per_user)]
+    for j in range(outputs_per_user):
+        product = rng.choice(PRODUCTS)
+        output, spans = _write(rng, style, product)
+        records.append({"id": f"{user_id}-{j}", "user_id": user_id, "task": "synthetic",
+                        "input": f"Write a short review of the {product}.", "output": output,
+                        "profile": profile, "personal_spans": spans})
     return records
 
 
@@ -95,6 +131,124 @@ def _split_at_marker(sentence: str, personal: str) -> list[tuple[str, bool]]:
     return [(f" {before}", False), (personal, True), (f"{after} ", False)]
 
 
+# ----------------------------------------------------------------------------------------- levels medium, hard
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """How a medium / hard profile hides the user's style (see the module doc)."""
+
+    distractors: tuple[int, int]  # (p, q): p/q of the profile items, rounded down, are in other (random) styles
+    repeats: int  # own profile items each style piece appears in (at most the number of own items)
+    inflect_word: bool  # the invented word also appears inflected (as an adverb) in the targets
+
+
+LEVELS = {"easy": None, "medium": Level(distractors=(1, 3), repeats=3, inflect_word=False),
+          "hard": Level(distractors=(1, 2), repeats=2, inflect_word=True)}
+PIECES = ("opening", "adj", "word", "signoff")
+ADJ_ENDINGS = ["erous", "tastic", "ish", "esque", "ous", "ful"]  # invented words that read as adjectives
+ADVERB_SENTENCES = ["The {product} works {adj}.", "It handles daily use {adj}.", "I used the {product} {adj} all week."]
+INFLECTED_WORD_SENTENCES = ["It performs {word} overall.", "The {product} behaves {word}."]
+FACTS = [("it arrived in {days} days", "It arrived in {days} days."),
+         ("setup took {minutes} minutes", "Setup took about {minutes} minutes."),
+         ("the color is {color}", "The color is {color}, as pictured."),
+         ("it costs {price} dollars", "At {price} dollars the price is fair.")]
+COLORS = ["teal", "charcoal", "ivory", "olive", "crimson", "navy", "sand", "plum"]
+
+
+def adverb(adjective: str) -> str:
+    """``zesty`` → ``zestily``, ``glimmtastic`` → ``glimmtastically``, ``crisp`` → ``crisply``."""
+    if adjective.endswith("y"):
+        return adjective[:-1] + "ily"
+    if adjective.endswith("ic"):
+        return adjective + "ally"
+    return adjective + "ly"
+
+
+def _planted_user(u: int, items_per_user: int, outputs_per_user: int, seed: int, difficulty: str) -> list[dict]:
+    """Levels medium / hard: own profile items carry each style piece only ``repeats`` times (a random subset of
+    pieces per item), among distractor items in other styles; targets restate the query's facts (generic) and the
+    style pieces, the adjective (hard: also the invented word) inflected to an adverb."""
+    level = LEVELS[difficulty]
+    rng = random.Random(f"percausal-synth:{difficulty}:{seed}:{u}")
+    style = _draw_planted_style(rng)
+    user_id = f"u{u:04d}"
+    p, q = level.distractors
+    n_distract = min(items_per_user * p // q, items_per_user - 1)  # at least one own item
+    n_own = items_per_user - n_distract
+    has = [set() for _ in range(n_own)]  # the pieces each own item carries
+    for piece in PIECES:
+        for i in rng.sample(range(n_own), min(level.repeats, n_own)):
+            has[i].add(piece)
+    texts = [_planted_text(rng, style, pieces)[0] for pieces in has]
+    drawn = [style]  # distractor styles share no piece with the user's or (while the pools allow) each other's
+    for _ in range(n_distract):
+        drawn.append(_draw_planted_style(rng, unlike=drawn if len(drawn) < len(OPENINGS) else [style]))
+        texts.append(_planted_text(rng, drawn[-1], set(PIECES))[0])
+    rng.shuffle(texts)
+    day0 = datetime.date(2024, 1, 1)
+    profile = [{"id": f"{user_id}-p{i}", "text": text, "date": (day0 + datetime.timedelta(days=i)).isoformat()}
+               for i, text in enumerate(texts)]
+    inflect = ("adj", "word") if level.inflect_word else ("adj",)
+    records = []
+    for j in range(outputs_per_user):
+        output, spans, query = _planted_text(rng, style, set(PIECES), inflect)
+        records.append({"id": f"{user_id}-{j}", "user_id": user_id, "task": "synthetic", "input": query,
+                        "output": output, "profile": profile, "personal_spans": spans})
+    return records
+
+
+def _draw_planted_style(rng: random.Random, unlike: Sequence[dict[str, str]] = ()) -> dict[str, str]:
+    """A style whose invented word reads as an adjective, sharing no piece (nor name) with any of ``unlike``."""
+    while True:
+        name = rng.choice(NAMES)
+        style = {"opening": rng.choice(OPENINGS), "adj": rng.choice(ADJECTIVES),
+                 "word": rng.choice(INVENTED_STEMS) + rng.choice(ADJ_ENDINGS),
+                 "signoff": rng.choice(SIGNOFFS).format(adj=rng.choice(ADJECTIVES), name=name), "name": name}
+        if all(style[k] != other[k] for other in unlike for k in (*PIECES, "name")):
+            return style
+
+
+def _planted_text(rng: random.Random, style: dict[str, str], pieces: set[str], inflect: tuple[str, ...] = ()
+                  ) -> tuple[str, list[list[int]], str]:
+    """A review with the style ``pieces`` (those in ``inflect`` as adverbs) and two facts of a random product →
+    (text, character spans of the pieces, the query that states the product and the facts)."""
+    product = rng.choice(PRODUCTS)
+    values = {"days": rng.randint(2, 9), "minutes": rng.randint(2, 30), "color": rng.choice(COLORS),
+              "price": rng.randint(9, 99)}
+    facts = rng.sample(FACTS, 2)
+    query = (f"Write a short review of the {product}. Facts: "
+             + "; ".join(note.format(**values) for note, _ in facts) + ".")
+    sentences: list[list[tuple[str, bool]]] = []  # each sentence as fragments (text, personal?)
+    if "opening" in pieces:
+        sentences.append([(style["opening"], True)])
+    if "adj" in pieces:
+        pool = ADVERB_SENTENCES if "adj" in inflect else ADJECTIVE_SENTENCES
+        piece = adverb(style["adj"]) if "adj" in inflect else style["adj"]
+        sentences.append(_around(rng.choice(pool).format(product=product, adj="\0"), piece))
+    sentences += [[(sentence.format(**values), False)] for _, sentence in facts]
+    if "word" in pieces:
+        pool = INFLECTED_WORD_SENTENCES if "word" in inflect else INVENTED_SENTENCES
+        piece = adverb(style["word"]) if "word" in inflect else style["word"]
+        sentences.append(_around(rng.choice(pool).format(product=product, word="\0"), piece))
+    if "signoff" in pieces:
+        sentences.append([(style["signoff"], True)])
+    text, spans = "", []
+    for fragments in sentences:
+        text += " " if text else ""
+        for fragment, personal in fragments:
+            if personal:
+                spans.append([len(text), len(text) + len(fragment)])
+            text += fragment
+    return text, spans, query
+
+
+def _around(sentence: str, personal: str) -> list[tuple[str, bool]]:
+    """``"A \\0 b."`` → ``[("A ", False), (personal, True), (" b.", False)]`` (empty fragments left out)."""
+    before, after = sentence.split("\0")
+    return [(t, p) for t, p in ((before, False), (personal, True), (after, False)) if t]
+
+
 def split_by_user(records: list[dict], test_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Train/test with disjoint users; test gets ``round(test_frac × users)`` of them (≥ 1 if test_frac > 0)."""
     users = sorted({r["user_id"] for r in records})
@@ -125,29 +279,39 @@ TASKS["synthetic"] = Task(_personal, _counterfactual, document=lambda item: item
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``percausal synth``."""
-    p = subparsers.add_parser("synth", help="write a synthetic personalization dataset (train.jsonl, test.jsonl)",
+    p = subparsers.add_parser("synth", help="write a synthetic personalization dataset (train.jsonl, test.jsonl, "
+                                            "optionally val.jsonl)",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", required=True, type=Path, help="folder for train.jsonl and test.jsonl")
+    p.add_argument("--out-dir", required=True, type=Path, help="folder for train.jsonl, test.jsonl (and val.jsonl)")
     p.add_argument("--users", type=int, default=20, help="number of users (default 20)")
     p.add_argument("--profile-items", type=int, default=6, help="profile texts per user (default 6)")
     p.add_argument("--per-user", type=int, default=8, help="target records per user (default 8)")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of users held out for test (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--difficulty", choices=tuple(LEVELS), default="easy",
+                   help="how hard the style is to copy from the profile (default easy; see the module doc)")
+    p.add_argument("--val-users", type=int, default=0,
+                   help="also write val.jsonl with this many more users, disjoint from train and test (default 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generates, splits by user, writes both files atomically and prints the counts."""
+    """Generates, splits by user, writes the files atomically and prints the counts."""
     for flag, value in (("--users", args.users), ("--profile-items", args.profile_items),
                         ("--per-user", args.per_user)):
         if value < 1:
             raise UserError(f"{flag} {value}: expected an integer >= 1")
     if not 0 <= args.test_frac < 1:
         raise UserError(f"--test-frac {args.test_frac}: expected a number in [0, 1)")
-    train, test = split_by_user(generate(args.users, args.profile_items, args.per_user, args.seed),
-                                args.test_frac, args.seed)
+    if args.val_users < 0:
+        raise UserError(f"--val-users {args.val_users}: expected an integer >= 0")
+    shape = (args.profile_items, args.per_user, args.seed, args.difficulty)
+    train, test = split_by_user(generate(args.users, *shape), args.test_frac, args.seed)
+    files = [("train.jsonl", train), ("test.jsonl", test)]
+    if args.val_users:  # users after the train/test ones, so those files do not change
+        files.append(("val.jsonl", generate(args.val_users, *shape, first_user=args.users)))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, records in (("train.jsonl", train), ("test.jsonl", test)):
+    for name, records in files:
         write_jsonl(args.out_dir / name, records)
         print(f"wrote {len(records)} records from {len({r['user_id'] for r in records})} user(s) to "
               f"{args.out_dir / name}")

@@ -7,6 +7,11 @@ Empty generations are scored as empty, never dropped. With ``DecodeConfig.contra
 profile-contrastive (:mod:`percausal_jax.evaluation.contrast`) against each record's profile-free prompt, the one
 training's counterfactual pass sees: the featurizer's ``prompt_no_profile_ids`` (a prompt record's
 ``prompt_no_profile``; for a canonical record, the prompt built without profile items).
+
+When records carry ``personal_spans``, :func:`teacher_forced_nll` also scores each reference under the personalized
+prompt (teacher forced, the same featurized examples) and splits its NLL into personal and generic tokens
+(:mod:`percausal_jax.evaluation.token_nll`): ``nll_personal``, ``nll_generic``, ``tokens_personal``,
+``tokens_generic``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Sequence
 from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
 from percausal_jax.data.records import read_records
 from percausal_jax.errors import UserError
-from percausal_jax.evaluation import metrics
+from percausal_jax.evaluation import metrics, token_nll
 from percausal_jax.evaluation.generate import generate
 
 
@@ -63,6 +68,47 @@ def generate_for_records(model, tokenizer, records: Sequence[dict], fcfg: Featur
         for row, ids in zip(rows[start:start + dcfg.batch_size], outs):
             row["prediction"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return rows
+
+
+def teacher_forced_nll(model, tokenizer, records: Sequence[dict], fcfg: FeaturizeConfig, batch_size: int = 8,
+                       chunk_size: int = 8192) -> dict:
+    """Personal / generic token NLL of the references under their personalized prompts (:func:`token_nll.class_means`
+    keys without prefix); {} when no record carries ``personal_spans``. Responses are scored whole (no
+    ``max_response_len``), as :func:`generate_for_records` generates; batch lengths are rounded up to a multiple of
+    16, so few shapes compile."""
+    if not any(r.get("personal_spans") is not None for r in records):
+        return {}
+    import numpy as np
+    from flax import nnx
+
+    from percausal_jax.data.featurize import Kept
+    from percausal_jax.data.pairing import collate
+    from percausal_jax.objectives.losses import Requirements
+    from percausal_jax.objectives.passes import pass_outputs
+
+    @nnx.jit
+    def personal_logp(model, batch):  # f32[B, R]
+        r = batch.response
+        return pass_outputs(model, batch.personal, r.index_personal, r.ids, Requirements(), chunk_size).logp
+
+    featurizer = Featurizer(tokenizer, dataclasses.replace(fcfg, max_response_len=None, truncate_response=False))
+    examples = []
+    for rec in records:
+        result = featurizer(rec)
+        if not isinstance(result, Kept):
+            raise UserError(f"record {rec.get('id')}: the prompt does not fit max_prompt_len even without profile")
+        examples.append(result.example)
+    up = lambda n: -(-n // 16) * 16  # noqa: E731
+    total = None
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        rows = [[ex] for ex in chunk] + [[] for _ in range(batch_size - len(chunk))]  # empty rows: all padding
+        batch = collate(rows, up(max(e.personal_len for e in chunk)), up(max(e.counterfactual_len for e in chunk)),
+                        up(max(len(e.response_ids) for e in chunk)))
+        logp = np.asarray(personal_logp(model, batch), np.float64)
+        total = token_nll.add_sums(total, token_nll.class_sums(logp, batch.response.weight,
+                                                               batch.response.token_class))
+    return token_nll.class_means(total)
 
 
 def score(rows: Sequence[dict], records: Sequence[dict], task: str | None, meteor: bool) -> dict:

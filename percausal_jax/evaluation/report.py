@@ -1,5 +1,7 @@
 """The demo report: one self-contained HTML page with the CE vs PerCE metric table, training curves (inline SVG),
-sample generations, and the PIR token heatmap from ``percausal score``."""
+PNG plots (:mod:`percausal_jax.evaluation.plots`: eval NLL of personal / generic tokens vs step, the test metrics as
+bars; embedded as data URIs, the files sit next to the page), sample generations, and the PIR token heatmap from
+``percausal score``."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from typing import Sequence
 from percausal_jax import storage
 from percausal_jax.atomic import write_text
 from percausal_jax.evaluation.heatmap import heatmap_section, summary
+from percausal_jax.evaluation.plots import COLOURS as _COLOURS
+from percausal_jax.evaluation.plots import Plot
 
-METRICS = ("rouge1", "rougeL", "meteor", "span_recall", "eval_nll", "n")
-_COLOURS = {"ce": "#2b6cb0", "perce": "#c53030", "nextquill": "#2f855a", "lossce": "#805ad5", "entce": "#b7791f"}
+METRICS = ("rouge1", "rougeL", "meteor", "span_recall", "nll_personal", "nll_generic", "eval_nll", "n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -74,12 +77,14 @@ def samples_table(preds: dict[str, list[dict]], n: int = 4) -> str:
 
 def write_report(out: str | Path, *, results: dict[str, dict], train_metrics: dict[str, list[dict]],
                  preds: dict[str, list[dict]], scored: Sequence[dict], notes: str = "",
-                 clip=(0.8, 5.0), delta: float = 0.05) -> Path:
+                 clip=(0.8, 5.0), delta: float = 0.05, plots: Sequence[Plot] = ()) -> Path:
     curves_nll = svg_curves({m: [(r["step"], r["nll_mean"]) for r in rows] for m, rows in train_metrics.items()},
                             "training NLL of the gold response (mean per token)")
     curves_loss = svg_curves({m: [(r["step"], r["loss"]) for r in rows] for m, rows in train_metrics.items()},
                              "training objective (each method's own loss)")
     s = summary(scored, *clip, delta)
+    images = "".join(f'<img src="{p.data_uri()}" alt="{html.escape(p.path.stem)}" title="{html.escape(p.path.name)}" '
+                     'style="max-width:100%;display:block;margin:.8em 0">' for p in plots)
     style = """body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;
 vertical-align:top;font-size:.92em}table.metrics td{text-align:right}.ex{border:1px solid #ddd;border-radius:6px;
@@ -94,6 +99,7 @@ document.querySelectorAll('.tok').forEach(t=>{t.style.background=c(+t.getAttribu
 <p>{notes}</p>
 <h2>Test metrics (users never seen in training)</h2>{metric_table(results)}
 <h2>Training curves</h2>{curves_nll} {curves_loss}
+{f"<h2>Held-out NLL and test metrics</h2>{images}" if images else ""}
 <h2>Sample generations</h2>{samples_table(preds)}
 <h2>Which tokens are personal? PIR heatmap (PerCE model)</h2>
 <p>Red tokens are made more likely by the user's profile (PIR = log p(y | profile, x) − log p(y | x) &gt; 0), blue

@@ -5,19 +5,58 @@ the newest cannot be read, and a clear error when the layout does not match.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 from percausal_jax import storage
-from percausal_jax.errors import UserError
+from percausal_jax.errors import StorageError, UserError
 
 ITEMS = ("state", "iter", "meta")
 # Keys of the meta item that must match between the checkpoint and the run restoring it.
 LAYOUT_KEYS = ("model_type", "num_params", "scan_layers", "param_dtype", "lora_rank", "objective", "optimizer")
 log = logging.getLogger(__name__)
+# tensorstore (Orbax's array writer) retries a failing GCS request 32 times, up to 32 s apart (~15 min) by default;
+# bounded here so that a storage outage fails the save in about a minute. gcsfs (the small files) retries 6 times.
+RETRIES_ENV = "PERCAUSAL_STORAGE_RETRIES"
+
+
+def _bound_gcs_retries() -> None:
+    raw = os.environ.get(RETRIES_ENV, "6")
+    try:
+        n = int(raw)
+        assert n >= 0
+    except (ValueError, AssertionError):
+        raise UserError(f"{RETRIES_ENV}={raw!r}: expected an integer >= 0 (retries of a failing storage request)")
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # the contexts every Orbax save opens
+
+    policy = {"max_retries": n, "initial_delay": "1s", "max_delay": "16s"}
+    for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+        context["gcs_request_retries"] = policy
+
+
+RESUME_HINT = ("the last committed checkpoint is kept: re-run the same command once the storage is back (or has "
+               "room) to resume from it")
+
+
+@contextlib.contextmanager
+def storage_errors(what: str, where, hint: str = RESUME_HINT):
+    """Any failure of the storage inside the block (disk full, bucket unreachable after retries) becomes one
+    :class:`StorageError` line naming ``what`` and ``where``, then ``hint``; committed checkpoints are untouched."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tensorstore, gcsfs, aiohttp and OSError all raise their own types
+        detail = (str(e).strip().splitlines() or [""])[0]
+        if len(detail) > 240:  # tensorstore's messages name every layer; the cause (errno text) comes last
+            detail = f"{detail[:80]} … {detail[-150:]}"
+        raise StorageError(f"{where}: {what} failed ({type(e).__name__}: {detail}); {hint}") from e
 
 
 def directory(workdir: storage.PathLike) -> storage.Path:
@@ -29,6 +68,7 @@ def directory(workdir: storage.PathLike) -> storage.Path:
 def manager(workdir: storage.PathLike, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     """Orbax manager over ``WORKDIR/checkpoints``; on an object store a step counts once its
     ``commit_success.txt`` is written, so a partial save is never taken as the latest."""
+    _bound_gcs_retries()
     return ocp.CheckpointManager(
         directory(workdir), item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

@@ -86,8 +86,6 @@ def export_checkpoint(workdir: storage.PathLike, out: storage.PathLike, step: in
     for a run without LoRA), or ``peft`` (a PEFT adapter for the base model, which it names as the user did).
     ``out``: a local directory or a ``gs://`` URL, written atomically (markers last); tokenizer files copied in.
     Returns the output path."""
-    from percausal_jax.hf.peft import save_peft_adapter
-
     if form not in FORMS:
         raise UserError(f"export form '{form}' is not one of {', '.join(FORMS)}")
     model, run, rc, _ = restore_model(workdir, step, overrides)
@@ -98,6 +96,15 @@ def export_checkpoint(workdir: storage.PathLike, out: storage.PathLike, step: in
     if form == "peft":
         if dtype is not None:
             raise UserError("--dtype applies to full exports; a PEFT adapter is written in float32")
+    with checkpoints.storage_errors("writing the export", out, "nothing partial was published (markers are written "
+                                    "last): make room or restore the storage and re-run the same command"):
+        return _write(model, run, rc, out, form, dtype, lora)
+
+
+def _write(model, run, rc, out, form: str, dtype, lora: bool) -> storage.Path:
+    from percausal_jax.hf.peft import save_peft_adapter
+
+    if form == "peft":
         return save_peft_adapter(model, out, base_model=_adapter_base_name(run.model_source), rank=rc.lora.rank,
                                  alpha=rc.lora.alpha, targets=rc.lora.targets, tokenizer_dir=run.model_dir,
                                  revision=run.model_source.revision)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +20,22 @@ from percausal_jax.lock import WorkdirLock
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import empty_batch, shape_of
 from percausal_jax.data.pipeline import to_global
-from percausal_jax.errors import UserError
+from percausal_jax.errors import StorageError, UserError
+from percausal_jax.evaluation import token_nll
 from percausal_jax.training import checkpoints, setup
 from percausal_jax.training.distributed import Preemption, common_shape
+
+
+def host_rss_mib() -> float:
+    """This process's resident memory now (Linux ``/proc/self/statm``; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def per_token_metrics(m: dict) -> dict:
@@ -82,12 +96,12 @@ class MetricsWriter:
             self.tb.flush()
         self.mirror.sync(force=force)
 
-    def close(self) -> None:
+    def close(self, upload: bool = True) -> None:
         if not self.enabled:
             return
         if self.tb is not None:
             self.tb.close()
-        self.mirror.close()
+        self.mirror.close(upload)
 
 
 def device_batch(batch, mesh):
@@ -96,8 +110,12 @@ def device_batch(batch, mesh):
 
 
 def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
-    """Objective loss on ``data.eval`` (one pass, at most ``train.eval_batches`` batches): Σ loss / Σ normalizer.
-    Every process runs the same number of batches (a process whose shard ran out feeds all-padding batches)."""
+    """Objective loss on ``data.eval`` (one pass, at most ``train.eval_batches`` batches): Σ loss / Σ normalizer,
+    and ``eval_nll`` (Σ gold-token NLL / Σ tokens). When eval records carry ``personal_spans``, also the NLL of
+    their personal and generic tokens (:mod:`~percausal_jax.evaluation.token_nll`): ``eval_nll_personal``,
+    ``eval_nll_generic`` (Σ nll / Σ tokens of the class over the pass) and ``eval_tokens_personal``,
+    ``eval_tokens_generic``. Every process runs the same number of batches (a process whose shard ran out feeds
+    all-padding batches)."""
     t = run.config.train
     rows = t.global_batch_size // jax.process_count()
     records = run.eval_records
@@ -106,6 +124,7 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
     it = run.data_iterator(records, num_epochs=1, shuffle=False)
     total_ls = total_n = None
     tokens = nll = 0.0
+    by_class = None
     for _ in range(n_batches):
         batch = next(it, None) or empty_batch(rows)
         with jax.set_mesh(run.mesh):
@@ -115,11 +134,12 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
         total_n = n if total_n is None else total_n + n
         tokens += float(res.metrics["tokens"])
         nll += float(res.metrics["nll_sum"])
+        by_class = token_nll.add_sums(by_class, res.metrics)
     if total_ls is None or tokens == 0:
         raise UserError(f"{run.config.data.eval}: no evaluation examples")
     # eval_nll (mean gold-token NLL) compares across objectives; eval_loss is each objective's own loss
     return {"eval_loss": float(np.sum(total_ls / np.maximum(total_n, 1e-12))), "eval_nll": nll / tokens,
-            "eval_tokens": tokens}
+            "eval_tokens": tokens, **token_nll.class_means(by_class, prefix="eval_")}
 
 
 @contextlib.contextmanager
@@ -183,6 +203,7 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
     bar = _progress(applied, t.steps, progress)
     preemption = Preemption()
     last: dict = {}
+    storage_failed = False
     try:
         # train.steps counts applied updates, as the schedule does: a skipped (non-finite) step is made up for
         while applied < t.steps:
@@ -199,7 +220,8 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
                 raise FloatingPointError(f"step {step + 1}: loss or gradient is not finite")
             applied = step + 1 - int(state.nan_skips)
             rec = {"step": step + 1, **per_token_metrics(m), "step_time": dt,
-                   "tokens_per_s": float(m["tokens"]) / dt, "nan_skips": int(state.nan_skips)}
+                   "tokens_per_s": float(m["tokens"]) / dt, "nan_skips": int(state.nan_skips),
+                   "host_rss_mib": host_rss_mib()}
             if t.peak_tflops > 0:
                 global_rows = t.global_batch_size
                 rec["mfu"] = run.step_flops(global_rows, *shape_of(batch)) / dt / (n_dev * t.peak_tflops * 1e12)
@@ -207,13 +229,16 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
             if eval_step is not None and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
                 rec.update(evaluate(run, state.params, ref_params, eval_step))
             if (step + 1) % t.log_every == 0 or done:
-                writer.write(rec)
+                with checkpoints.storage_errors(f"writing the metrics of step {step + 1}", workdir):
+                    writer.write(rec)
             stop = preemption.should_stop(step + 1)
             if (step + 1) % rc.checkpoint.every_steps == 0 or done or stop:
                 if lock is not None:
                     lock.check()  # a run whose workdir was taken over (its lease expired) writes no more
-                checkpoints.save(mngr, step + 1, state, iterator, meta, force=done or stop)
-                writer.flush()
+                # an async save's failure surfaces at the next save (or at the final wait below)
+                with checkpoints.storage_errors(f"saving checkpoints (at step {step + 1})", workdir):
+                    checkpoints.save(mngr, step + 1, state, iterator, meta, force=done or stop)
+                    writer.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             last = rec
@@ -232,11 +257,23 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
             print(f"data.train: truncated while featurizing (this process): {truncated} responses over "
                   f"data.max_response_len={d.max_response_len} tokens, kept without their end token "
                   "(raise data.max_response_len, or data.truncate_response=false to drop them)", file=sys.stderr)
+    except StorageError:
+        storage_failed = True
+        raise
     finally:
-        mngr.wait_until_finished()
-        preemption.restore()
-        writer.close()
-        bar.close()
+        try:
+            if not storage_failed:
+                with checkpoints.storage_errors("finishing the last checkpoint", workdir):
+                    mngr.wait_until_finished()
+        except StorageError:
+            storage_failed = True
+            raise
+        finally:
+            preemption.restore()
+            writer.close(upload=not storage_failed)  # nothing more is sent to a storage known to be failing
+            bar.close()
+            if storage_failed and lock is not None:
+                lock.abandon()  # left for the next run to take over (this pid will be gone)
     return last
 
 

@@ -24,6 +24,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from percausal_jax.evaluation.token_nll import class_sums
 from percausal_jax.objectives import Objective, Result, Targets, compute_passes, evaluate
 from percausal_jax.training.accumulate import accumulate, split_micro
 
@@ -108,14 +109,19 @@ def jit_train_step(train_step, state: TrainState):
 
 
 def make_eval_step(graphdef, objective: Objective, chunk_size: int = 8192, ref_graphdef=None):
-    """``eval_step(params, frozen, ref_params, batch) -> Result`` sums (loss_sum, normalizer, metrics), no grad."""
+    """``eval_step(params, frozen, ref_params, batch) -> Result`` sums (loss_sum, normalizer, metrics), no grad.
+    The metrics also hold the personalized pass's NLL sums per token class (``token_nll.SUM_KEYS``; zero when the
+    batch's tokens are unclassified)."""
     needs_ref = bool(objective.requirements.reference)
 
     @jax.jit
     def eval_step(params, frozen, ref_params, batch):
         model = nnx.merge(graphdef, params, frozen)
         ref = reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
-        return evaluate(objective, model, batch, ref, chunk_size)
+        passes = compute_passes(model, batch, objective.requirements, chunk_size, ref)
+        res = objective(passes, Targets.of(batch))
+        r = batch.response
+        return res._replace(metrics={**res.metrics, **class_sums(passes.p.logp, r.weight, r.token_class)})
 
     return eval_step
 

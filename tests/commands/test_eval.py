@@ -8,6 +8,8 @@ from percausal_jax import cli
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 from tests.training.common import RECORDS, train_args
 
+NLL_KEYS = ("nll_personal", "nll_generic", "tokens_personal", "tokens_generic")
+
 
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
@@ -30,6 +32,8 @@ def test_eval_model_dir_writes_predictions_and_metrics(model_and_data, tmp_path,
     assert rows[0]["reference"] == RECORDS[0]["completion"] and rows[0]["prompt"] == RECORDS[0]["prompt"]
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["n"] == 4 and {"rouge1", "rougeL", "meteor", "span_recall"} <= set(metrics)
+    # the records carry personal_spans: teacher-forced NLL split into personal / generic tokens
+    assert set(NLL_KEYS) <= set(metrics) and metrics["tokens_personal"] > 0 and metrics["tokens_generic"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
 
 
@@ -42,7 +46,12 @@ def test_eval_workdir_uses_the_trained_checkpoint(model_and_data, tmp_path):
                      "--max-new-tokens", "4", "--no-progress", "--metrics", str(tmp_path / "m.json"),
                      "--task", "LaMP-4"]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"rouge1", "rougeL", "n"} and metrics["n"] == 4
+    assert set(metrics) == {"rouge1", "rougeL", "n", *NLL_KEYS} and metrics["n"] == 4
+    # the same trained model on the same records: the train loop's last eval line has the same split
+    last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in NLL_KEYS:
+        assert last[f"eval_{key}"] == pytest.approx(metrics[key], rel=1e-4)
+    assert last["eval_tokens_personal"] + last["eval_tokens_generic"] == last["eval_tokens"]
 
 
 def test_eval_bad_data_is_exit_2(model_and_data, tmp_path, capsys):

@@ -198,6 +198,25 @@ def test_process_shards_are_disjoint_and_complete():
     assert shards[0] | shards[1] == {ex[2] for ex in expected_examples(RECORDS)}
 
 
+def test_two_processes_build_the_one_process_global_batch_row_for_row():
+    """Process i reads the i-th block of each global batch, so the global batch (processes' rows concatenated in
+    process order) holds the one-process batch's rows in the same places: each device gets the same rows."""
+    fcfg = FeaturizeConfig(retriever="recency", k=2, max_prompt_len=512, max_response_len=64)  # nothing dropped
+    one = take(iterator(num_epochs=None, per_process_batch_size=4, fcfg=fcfg), 5)
+    parts = [take(iterator(num_epochs=None, per_process_batch_size=2, process_index=i, process_count=2, fcfg=fcfg), 5)
+             for i in range(2)]
+    for step, batch in enumerate(one):
+        assert unpack(batch) == unpack(parts[0][step]) + unpack(parts[1][step])
+
+
+def test_block_shards_of_a_finite_stream_are_disjoint_complete_and_in_order():
+    from percausal_jax.data.process_shard import BlockShard
+
+    ds = grain.MapDataset.source(list(range(11)))
+    shards = [list(BlockShard(ds, 2, i, 3)) for i in range(3)]
+    assert shards == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10]]
+
+
 def test_file_sources(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 

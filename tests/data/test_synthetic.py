@@ -87,3 +87,128 @@ def test_cli_writes_valid_train_and_test_files(tmp_path, capsys):
 def test_cli_rejects_bad_arguments(tmp_path, flag, value, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         run_cli(["synth", "--out-dir", str(tmp_path), flag, value])
+
+
+# ------------------------------------------------------------------------------------- difficulty levels, val users
+
+# sha256 of train.jsonl / test.jsonl written by `percausal synth` before the difficulty levels existed (easy must
+# reproduce them byte for byte)
+GOLDEN = {(): ("62c533f7d53d09d5996b394b1cffa3dbb5fc54566255411e1d0612798ece7071",
+               "ea44e718acec4313daa748eff0f83694ee494b15b1b2341183446357050d5b97"),
+          ("--seed", "7", "--users", "5", "--profile-items", "3", "--per-user", "2", "--test-frac", "0.4"):
+              ("637bafc300a86cd74e9a2b0c6bb80e32aef4f2786020f4d0d3fb7ce2fc64c0b4",
+               "ca3ddf0b1a894a5c3bd2d6294ba828efdb92abb286018cb71fffe9b70dc3fc9b")}
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("extra", list(GOLDEN))
+def test_easy_reproduces_the_original_files(tmp_path, capsys, extra):
+    for flags in ((), ("--difficulty", "easy", "--val-users", "3")):
+        out = tmp_path / str(len(flags))
+        assert run_cli(["synth", "--out-dir", str(out), *extra, *flags]) == 0
+        assert (_sha(out / "train.jsonl"), _sha(out / "test.jsonl")) == GOLDEN[extra]
+    assert not (tmp_path / "0" / "val.jsonl").exists() and (tmp_path / "4" / "val.jsonl").exists()
+
+
+def _base_form(piece: str, profile: list[str]) -> str:
+    """The profile form of a target's style piece: itself, or the adjective an adverb was inflected from."""
+    from percausal_jax.data.synthetic import adverb
+
+    if any(piece in text for text in profile):
+        return piece
+    for base in (piece[:-3] + "y", piece[:-4], piece[:-2]):
+        if adverb(base) == piece and any(base in text for text in profile):
+            return base
+    raise AssertionError(f"{piece!r} is neither in the profile nor inflected from a word of it")
+
+
+def _repeats(records) -> float:
+    """Mean number of profile items holding each (profile form of each) style piece of a target."""
+    counts = []
+    for record in records:
+        texts = [item["text"] for item in record["profile"]]
+        for a, b in record["personal_spans"]:
+            base = _base_form(record["output"][a:b], texts)
+            counts.append(sum(base in text for text in texts))
+    return sum(counts) / len(counts)
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "medium", "hard"])
+def test_levels_are_valid_and_spans_mark_the_planted_pieces(tmp_path, difficulty):
+    import re
+
+    out = tmp_path / difficulty
+    assert run_cli(["synth", "--out-dir", str(out), "--users", "6", "--per-user", "3", "--seed", "2",
+                    "--difficulty", difficulty]) == 0
+    records = read_records(out / "train.jsonl") + read_records(out / "test.jsonl")  # validates spans too
+    assert len(records) == 18 and all(r["task"] == "synthetic" for r in records)
+    for record in records:
+        output, spans = record["output"], record["personal_spans"]
+        texts = [item["text"] for item in record["profile"]]
+        pieces = [output[a:b] for a, b in spans]
+        assert len(spans) == 4 and all(p == p.strip() and p for p in pieces)
+        forms = [_base_form(p, texts) for p in pieces]  # each is copied from the profile, or inflected from it
+        inflected = [p != f for p, f in zip(pieces, forms)]
+        assert inflected == {"easy": [False] * 4, "medium": [False, True, False, False],
+                             "hard": [False, True, True, False]}[difficulty]
+        bounds = [0, *(x for span in spans for x in span), len(output)]
+        generic = "".join(output[a:b] for a, b in zip(bounds[::2], bounds[1::2]))
+        assert not any(p in generic for p in pieces[1:3])
+        if difficulty != "easy":  # the generic content comes from the query: the numbers of its facts
+            assert set(re.findall(r"\d+", generic)) == set(re.findall(r"\d+", record["input"]))
+        assert 20 <= len(output.split()) <= 60
+    # a user's pieces are the same in all their targets and differ between users
+    by_user = {}
+    for record in records:
+        by_user.setdefault(record["user_id"], set()).add(
+            tuple(record["output"][a:b] for a, b in record["personal_spans"]))
+    assert all(len(v) == 1 for v in by_user.values()) and len({next(iter(v)) for v in by_user.values()}) > 1
+
+
+def test_harder_levels_repeat_the_style_less_among_distractors():
+    from percausal_jax.data.synthetic import OPENINGS
+
+    reps = {d: _repeats(generate(8, 6, 2, seed=0, difficulty=d)) for d in ("easy", "medium", "hard")}
+    assert reps["easy"] == 6 and 3 <= reps["medium"] < 3.5 and 2 <= reps["hard"] < 2.5
+    for difficulty, n_distractors in (("easy", 0), ("medium", 2), ("hard", 3)):
+        for record in generate(8, 6, 1, seed=0, difficulty=difficulty):
+            own = record["output"][slice(*record["personal_spans"][0])]
+            others = [item for item in record["profile"] if any(o != own and o in item["text"] for o in OPENINGS)]
+            assert len(others) == n_distractors  # items in other styles: another opening line
+
+
+@pytest.mark.parametrize("difficulty", ["medium", "hard"])
+def test_levels_are_deterministic_per_seed(difficulty):
+    records = generate(4, 6, 2, seed=7, difficulty=difficulty)
+    assert records == generate(4, 6, 2, seed=7, difficulty=difficulty)
+    assert [r["output"] for r in records] != [r["output"] for r in generate(4, 6, 2, seed=8, difficulty=difficulty)]
+    assert generate(2, 6, 2, seed=7, difficulty=difficulty) == records[:4]
+    assert generate(2, 6, 2, seed=7, difficulty=difficulty, first_user=2) == records[4:]
+    assert [r["output"] for r in records] != [r["output"] for r in generate(4, 6, 2, seed=7)]  # not easy's
+
+
+def test_val_users_are_disjoint_and_leave_train_test_unchanged(tmp_path, capsys):
+    argv = ["synth", "--users", "5", "--per-user", "2", "--test-frac", "0.4", "--difficulty", "hard"]
+    assert run_cli([*argv, "--out-dir", str(tmp_path / "a")]) == 0
+    assert run_cli([*argv, "--out-dir", str(tmp_path / "b"), "--val-users", "3"]) == 0
+    assert "wrote 6 records from 3 user(s)" in capsys.readouterr().out.strip().splitlines()[-1]
+    for name in ("train.jsonl", "test.jsonl"):
+        assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
+    users = {name: {r["user_id"] for r in read_records(tmp_path / "b" / name)}
+             for name in ("train.jsonl", "test.jsonl", "val.jsonl")}
+    assert len(users["val.jsonl"]) == 3 and not users["val.jsonl"] & (users["train.jsonl"] | users["test.jsonl"])
+    assert read_records(tmp_path / "b" / "val.jsonl") == generate(3, 6, 2, seed=0, difficulty="hard", first_user=5)
+
+
+def test_bad_difficulty_and_val_users(tmp_path):
+    with pytest.raises(UserError, match="--val-users -1: expected an integer >= 0"):
+        run_cli(["synth", "--out-dir", str(tmp_path), "--val-users", "-1"])
+    with pytest.raises(UserError, match="--difficulty 'extreme': expected one of easy, medium, hard"):
+        generate(1, 1, 1, seed=0, difficulty="extreme")
+    with pytest.raises(SystemExit):  # argparse names the choices
+        run_cli(["synth", "--out-dir", str(tmp_path), "--difficulty", "extreme"])

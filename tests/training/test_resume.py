@@ -1,9 +1,8 @@
-"""Exact resume (re-run, SIGTERM, kill -9, truncated checkpoint) and a 2-process gloo run."""
+"""Exact resume (re-run, SIGTERM, kill -9, truncated checkpoint); multi-process runs: test_multiprocess.py."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -117,28 +116,3 @@ def test_truncated_latest_checkpoint_falls_back(data12, straight, tmp_path, capl
     assert any("step 4" in r.getMessage() for r in caplog.records)
     for x, y in zip(_params(straight), _params(work)):
         np.testing.assert_array_equal(x, y)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(data12, tmp_path):
-    """2 processes × 2 CPU devices (gloo) give the losses of 1 process × 4 devices."""
-    model_dir, data = data12
-    common = ["--config.mesh.fsdp=4", "--config.mesh.tensor=1", "--config.train.grad_accum_steps=1"]
-    env1 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    one = _spawn(_args(model_dir, data, tmp_path / "one", 4, common), env=env1)
-    assert one.wait(timeout=300) == 0, one.stderr.read()[-3000:]
-    port = _free_port()
-    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    procs = [_spawn([*_args(model_dir, data, tmp_path / "two", 4, common), "--coordinator", f"127.0.0.1:{port}",
-                     "--num-processes", "2", "--process-id", str(i)], env=env2) for i in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
-    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
-    iter_files = {p.name for p in (tmp_path / "two" / "checkpoints" / "4" / "iter").iterdir()}
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= iter_files  # one iterator state per process
