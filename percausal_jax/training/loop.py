@@ -211,15 +211,15 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
             if step - applied > t.steps:
                 raise FloatingPointError(f"step {step}: more non-finite steps ({step - applied}) than train.steps")
             batch = common_shape(next(iterator))
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             with jax.set_mesh(run.mesh):
                 state, m = step_fn(state, run.frozen, ref_params, to_global(batch, run.mesh))
             m = jax.device_get(m)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             if not bool(m.pop("finite")) and t.nan_policy == "fail":
                 raise FloatingPointError(f"step {step + 1}: loss or gradient is not finite")
             applied = step + 1 - int(state.nan_skips)
-            rec = {"step": step + 1, **per_token_metrics(m), "step_time": dt,
+            rec = {"step": step + 1, **per_token_metrics(m), "step_time": dt, "step_cpu_time": cpu,
                    "tokens_per_s": float(m["tokens"]) / dt, "nan_skips": int(state.nan_skips),
                    "host_rss_mib": host_rss_mib()}
             if t.peak_tflops > 0:

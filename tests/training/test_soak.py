@@ -4,8 +4,9 @@ after its first checkpoint and resumed by re-running the same command.
 Asserted on the resumed process, from its 50th step on (compile and warm-up behind it):
 - host memory: the peak resident set grows by less than 5% over its value at that step (``host_rss_mib``, logged
   on every metrics line);
-- step time: the median of every window of 25 steps is within 20% of the median over all those steps (single
-  steps on a shared 2-core machine jitter; a leak or a growing cost shows up as a drifting window);
+- step time: the median of every window of 50 steps is within 20% of the median over all those steps, in CPU
+  seconds of the process per step (``step_cpu_time``: what a growing cost or a leak changes; wall time also moves
+  with whatever shares the machine, e.g. the other test worker in CI, so it is reported, not asserted);
 and on the run: the checkpoint count stays at 2 (``checkpoint.keep``) and ``metrics.jsonl`` has exactly one line
 per step 1…300 (the lines the killed process logged after its last checkpoint are dropped on resume), with the
 eval lines every 25 steps."""
@@ -77,10 +78,16 @@ def test_soak_300_steps_with_a_kill(setup, tmp_path):
     rss = np.array([r["host_rss_mib"] for r in steady])
     growth = rss.max() / rss[0] - 1
     assert growth < 0.05, f"peak host RSS grew {growth:.1%} after step {steady[0]['step']}"
-    times = np.array([r["step_time"] for r in steady])
-    median = np.median(times)
-    windows = [np.median(times[i:i + 25]) for i in range(0, len(times) - 24, 25)]
-    worst = max(abs(w / median - 1) for w in windows)
-    assert worst < 0.2, f"a 25-step window's median step time is {worst:.0%} off the median {median * 1e3:.1f} ms"
+
+    def drift(key):
+        times = np.array([r[key] for r in steady])
+        median = np.median(times)
+        windows = [np.median(times[i:i + 50]) for i in range(0, len(times) - 49, 50)]
+        return median, max(abs(w / median - 1) for w in windows)
+
+    median, worst = drift("step_cpu_time")
+    assert worst < 0.2, f"a 50-step window's median step CPU time is {worst:.0%} off the median {median * 1e3:.1f} ms"
+    wall, wall_worst = drift("step_time")
     print(f"soak: resumed from {resumed_from}; RSS {rss[0]:.0f} → max {rss.max():.0f} MiB ({growth:+.2%}); "
-          f"step time median {median * 1e3:.1f} ms, worst window {worst:.1%}")
+          f"step CPU time median {median * 1e3:.1f} ms, worst window {worst:.1%}; "
+          f"wall median {wall * 1e3:.1f} ms, worst window {wall_worst:.1%}")
