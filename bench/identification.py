@@ -33,16 +33,6 @@ from common import info_block, machine_info, md_table, write_section
 _UNIT = re.compile(r"\w+|[^\w\s]")
 
 
-def token_spans(tokenizer, ids) -> list[tuple[int, int]]:
-    """Character [start, end) of each id in ``decode(ids)``, by decoding prefixes (byte-level BPE safe for ASCII)."""
-    spans, prev = [], 0
-    for i in range(len(ids)):
-        cur = len(tokenizer.decode(list(ids[: i + 1])))
-        spans.append((prev, cur))
-        prev = cur
-    return spans
-
-
 def units_in(text: str, start: int, end: int) -> list[str]:
     """Lower-cased words / punctuation marks of ``text`` overlapping [start, end)."""
     return [m.group().lower() for m in _UNIT.finditer(text) if m.start() < end and start < m.end()]
@@ -93,6 +83,7 @@ def main() -> None:
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from percausal_jax.evaluation.token_nll import PERSONAL, classify, decoded_offsets
     from percausal_jax.data.featurize import FeaturizeConfig, Featurizer, Kept
     from percausal_jax.data.synthetic import generate
     from percausal_jax.objectives import NextQuill
@@ -118,12 +109,12 @@ def main() -> None:
     for rec, ex, sc in zip(kept, examples, scores):
         ids = ex.response_ids[:-1]  # drop EOS
         text = rec["output"]
-        spans = token_spans(tok, ids)
+        spans = decoded_offsets(tok, ids)
         if tok.decode(list(ids)) != text:
             raise SystemExit(f"{rec['id']}: decoded completion differs from the output text")
         profile = [set(_UNIT.findall(item["text"].lower())) for item in rec["profile"]]
-        for i, (a, b) in enumerate(spans):
-            labels.append(any(a < e and s < b for s, e in rec["personal_spans"]))
+        for i, ((a, b), cls) in enumerate(zip(spans, classify(spans, rec["personal_spans"]))):
+            labels.append(cls == PERSONAL)
             pir.append(sc["pir"][i])
             dce.append(sc["dce"][i])
             units = units_in(text, a, b)

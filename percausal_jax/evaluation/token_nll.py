@@ -30,15 +30,20 @@ def char_offsets(tokenizer: Any, text: str, ids: Sequence[int]) -> list[tuple[in
     """``[a, b)`` of each of ``ids`` (``text`` tokenized without special tokens) in ``text``.
 
     From a fast tokenizer's offset mapping when re-tokenizing ``text`` gives ``ids``; otherwise by decoding prefixes
-    (the identification benchmark's way: token i spans ``[len(decode(ids[:i])), len(decode(ids[:i+1])))``)."""
+    (:func:`decoded_offsets`, as the identification benchmark does)."""
     ids = list(ids)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(enc["input_ids"]) == ids:
             return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    return decoded_offsets(tokenizer, ids)
+
+
+def decoded_offsets(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """``[a, b)`` of each id in ``decode(ids)``, by decoding prefixes (byte-level BPE safe for ASCII)."""
     spans, prev = [], 0
     for i in range(len(ids)):
-        cur = len(tokenizer.decode(ids[:i + 1]))
+        cur = len(tokenizer.decode(list(ids[:i + 1])))
         spans.append((prev, cur))
         prev = cur
     return spans
