@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	-bash scripts/install_wordnet.sh
 	-bash scripts/install_chromium.sh
-	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS) -m "not alone"; parallel=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m alone; alone=$$?; \
+	test $$parallel = 0 && test $$alone = 0
 
 demo: $(STAMP)
 	-bash scripts/install_wordnet.sh

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -54,9 +55,29 @@ def storage_errors(what: str, where, hint: str = RESUME_HINT):
         raise
     except Exception as e:  # noqa: BLE001 - tensorstore, gcsfs, aiohttp and OSError all raise their own types
         detail = (str(e).strip().splitlines() or [""])[0]
-        if len(detail) > 240:  # tensorstore's messages name every layer; the cause (errno text) comes last
+        if len(detail) > 240:  # tensorstore's messages name every layer and spec; the errno is named up front
             detail = f"{detail[:80]} … {detail[-150:]}"
-        raise StorageError(f"{where}: {what} failed ({type(e).__name__}: {detail}); {hint}") from e
+        cause = os_error_text(e)
+        cause = f"{cause}; " if cause else ""
+        raise StorageError(f"{where}: {what} failed ({cause}{type(e).__name__}: {detail}); {hint}") from e
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def os_error_text(e: BaseException) -> str | None:
+    """The operating system's words for the error behind ``e`` ("File too large", "No space left on device"):
+    from an :class:`OSError` in its cause chain, or from the ``os_error_code`` tensorstore writes into its
+    messages; ``None`` when there is neither."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno)
+        if m := _OS_ERROR_CODE.search(str(e)):
+            return os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def directory(workdir: storage.PathLike) -> storage.Path:

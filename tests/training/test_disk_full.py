@@ -74,3 +74,24 @@ def test_checkpoint_and_export_on_a_full_disk(setup, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]  # nor its temporary one
     assert _run(["export", "--workdir", work, "--out", hf], None).returncode == 0
     assert (hf / "config.json").is_file()
+
+
+def test_a_storage_failure_names_the_os_error_first():
+    """tensorstore's messages spell out every driver and spec and bury the errno at the end ("[os_error_code=
+    '27']"); the one line names the operating system's words for it, whatever the clipping keeps."""
+    from percausal_jax.errors import StorageError
+    from percausal_jax.training.checkpoints import storage_errors
+
+    buried = ValueError('OUT_OF_RANGE: Error opening "zarr" driver: ' + "x" * 400 + " [os_error_code='27']")
+    with pytest.raises(StorageError, match=r"saving failed \(File too large; ValueError: OUT_OF_RANGE"):
+        with storage_errors("saving", "/w"):
+            raise buried
+    with pytest.raises(StorageError, match=r"No space left on device; RuntimeError: wrapped"):
+        with storage_errors("saving", "/w"):
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as e:
+                raise RuntimeError("wrapped") from e
+    with pytest.raises(StorageError, match=r"saving failed \(TimeoutError: no errno\)"):
+        with storage_errors("saving", "/w"):
+            raise TimeoutError("no errno")

@@ -4,9 +4,10 @@ after its first checkpoint and resumed by re-running the same command.
 Asserted on the resumed process, from its 50th step on (compile and warm-up behind it):
 - host memory: the peak resident set grows by less than 5% over its value at that step (``host_rss_mib``, logged
   on every metrics line);
-- step time: the median of every window of 50 steps is within 20% of the median over all those steps, in CPU
-  seconds of the process per step (``step_cpu_time``: what a growing cost or a leak changes; wall time also moves
-  with whatever shares the machine, e.g. the other test worker in CI, so it is reported, not asserted);
+- step time: the median of every window of 50 steps is within 20% of the median over all those steps, both in
+  wall seconds (``step_time``) and in CPU seconds of the process (``step_cpu_time``: what a growing cost or a leak
+  changes). Timings need the machine to themselves: the test is marked ``alone`` and ``make test`` runs it after
+  the parallel suite, by itself (next to the other xdist worker's compiles a window's median moved by 21%);
 and on the run: the checkpoint count stays at 2 (``checkpoint.keep``) and ``metrics.jsonl`` has exactly one line
 per step 1…300 (the lines the killed process logged after its last checkpoint are dropped on resume), with the
 eval lines every 25 steps."""
@@ -45,6 +46,7 @@ def _committed_steps(work: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_soak_300_steps_with_a_kill(setup, tmp_path):
     model_dir, data = setup
     work = tmp_path / "run"
@@ -88,6 +90,7 @@ def test_soak_300_steps_with_a_kill(setup, tmp_path):
     median, worst = drift("step_cpu_time")
     assert worst < 0.2, f"a 50-step window's median step CPU time is {worst:.0%} off the median {median * 1e3:.1f} ms"
     wall, wall_worst = drift("step_time")
+    assert wall_worst < 0.2, f"a 50-step window's median step time is {wall_worst:.0%} off the median {wall * 1e3:.1f} ms"
     print(f"soak: resumed from {resumed_from}; RSS {rss[0]:.0f} → max {rss.max():.0f} MiB ({growth:+.2%}); "
           f"step CPU time median {median * 1e3:.1f} ms, worst window {worst:.1%}; "
           f"wall median {wall * 1e3:.1f} ms, worst window {wall_worst:.1%}")
