@@ -9,6 +9,7 @@ validation evaluation, and its test evaluation) is not run again when the same c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -106,9 +107,10 @@ def _sweep(args, out, methods, lrs, seeds, crit) -> int:
     from percausal_jax.sweep.results import select, summarize_methods
 
     t0 = time.perf_counter()
-    cells = [_train_cell(args, out, m, lr, seed, crit) for m in methods for lr in lrs for seed in seeds]
-    choices = select(cells, crit)  # on validation only: no test metric exists yet
-    cells = [_test_cell(args, c) if c.lr == choices[c.method].lr else c for c in cells]
+    with persistent_compilation_cache():
+        cells = [_train_cell(args, out, m, lr, seed, crit) for m in methods for lr in lrs for seed in seeds]
+        choices = select(cells, crit)  # on validation only: no test metric exists yet
+        cells = [_test_cell(args, c) if c.lr == choices[c.method].lr else c for c in cells]
     summaries = summarize_methods(cells, choices)
     plots = _plots(out, cells, choices, summaries)
     ctx = report.Context(crit.describe(tuple(seeds)), crit.metric, tuple(seeds), tuple(lrs), str(args.config),
@@ -125,6 +127,33 @@ def _sweep(args, out, methods, lrs, seeds, crit) -> int:
     write_text(out / "sweep.html", report.page(ctx, summaries, choices, plots))
     print(md)
     return 0
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(min_compile_s: float = 1.0):
+    """Cells share their compiled programs: every cell of one method and LR the train step (the LR is a constant of
+    the optimizer), every cell the eval and decode programs. Inside the block XLA's executables that took at least
+    ``min_compile_s`` to compile are kept on local disk (``$PERCAUSAL_CACHE/jax-compilation``, keyed by the program
+    and the compiler), so a later cell, or a later sweep, loads them instead of compiling. A cache the caller
+    configured (``JAX_COMPILATION_CACHE_DIR``) is used as it is; otherwise the settings are restored afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from percausal_jax import storage
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        yield
+        return
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(storage.cache_root() / "jax-compilation"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is on: decide again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+        compilation_cache.reset_cache()
 
 
 def _call(argv: list, what: str) -> float:

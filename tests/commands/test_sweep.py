@@ -188,3 +188,43 @@ def test_real_sweep_tiny_model(tmp_path):
     series = read_series((out / "nll_curves.png").read_bytes())
     assert len(series) == 2 and all(v == ["entce[max_weight=3]"] for v in series.values())  # personal, generic
     assert (out / "sweep.html").read_text().count("data:image/png;base64,") >= 2
+
+
+def test_cells_share_compiled_programs_through_the_persistent_cache(tmp_path, monkeypatch):
+    """Inside the sweep's block a compiled program is written to $PERCAUSAL_CACHE/jax-compilation and a second,
+    identical program (a new function object, as each cell builds its own) is loaded from it instead of compiled;
+    outside the block nothing is written and the process's settings are as before."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setenv("PERCAUSAL_CACHE", str(tmp_path))
+    cache = tmp_path / "jax-compilation"
+
+    def program():  # a fresh function object each call: jit's in-memory cache cannot serve it
+        return jax.jit(lambda x: jnp.tanh(x @ x.T) * 3.0 + 17.0)
+
+    events = []
+
+    def listen(event, **_):
+        if event.startswith("/jax/compilation_cache/cache_"):
+            events.append(event.rsplit("/", 1)[1])
+
+    x = jnp.arange(48.0).reshape(6, 8)
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.monitoring.register_event_listener(listen)
+    try:
+        with sweep.persistent_compilation_cache(min_compile_s=0.0):
+            program()(x).block_until_ready()
+            written = sorted(p.name for p in cache.iterdir())
+            assert any(name.startswith("jit_") for name in written), written
+            assert events.count("cache_hits") == 0
+            program()(x).block_until_ready()  # loaded, not compiled
+            assert events.count("cache_hits") == 1, events
+            assert sorted(p.name for p in cache.iterdir()) == written
+        assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
+        events.clear()
+        program()(x).block_until_ready()
+        jax.jit(lambda x: jnp.sin(x) - 5.0)(x).block_until_ready()
+        assert events == [] and sorted(p.name for p in cache.iterdir()) == written  # the cache is off again
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
