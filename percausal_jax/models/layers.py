@@ -15,11 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from percausal_jax.models.blocked_attention import BLOCK_KV, BLOCK_Q, blocked_attention  # noqa: F401 (re-exported)
+from percausal_jax.models.blocked_attention import MASK_VALUE as _MASK_VALUE
 from percausal_jax.models.config import ModelConfig
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "splash")
 DENSE_MASK_IMPLEMENTATIONS = ("xla", "cudnn")  # kernels that take a [B, 1, L, L] mask
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class RMSNorm(nnx.Module):
@@ -203,141 +204,6 @@ def _xla_attention(q, k, v, mask, scale: float, softcap: float | None) -> jax.Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, L, H, Dh).astype(q.dtype)
-
-
-# Tile sizes of the blocked kernel, from ``bench/cpu_profile.py attention`` on XLA:CPU (SmolLM2 heads, fp32): small
-# query blocks keep each [B, K, G·bq, bkv] score tile in cache; ≤ BLOCK_KV keys per tile means prompts up to that
-# length run without online rescaling (one key tile per query block, the causal prefix).
-BLOCK_Q = 64
-BLOCK_KV = 512
-
-
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
-                      scale: float, softcap: float | None = None, window: int | None = None,
-                      sliding: jax.Array | bool = False, block_q: int = BLOCK_Q,
-                      block_kv: int = BLOCK_KV) -> jax.Array:
-    """Flash-style self-attention in pure JAX: q [B, L, H, Dh], k/v [B, L, K, Dh] → [B, L, H, Dh].
-
-    Query blocks × key blocks with an online softmax; key blocks entirely above the causal diagonal are never
-    computed; each tile's mask comes from ``segment_ids``/``positions`` int[B, L] (the rule of
-    :func:`attention_mask`: causal by index, same non-zero segment, ``pos_q − pos_k < window`` when ``sliding``, which
-    may be traced), so no ``[L, L]`` tensor exists. GQA without repeating K/V, Gemma2's logit soft-capping. The
-    backward pass is the flash one (custom VJP): it recomputes each tile's probabilities from the saved log-sum-exp
-    instead of keeping them. Rows that see no key (padding) come out finite, as the dense kernel's, but not equal to
-    it; nothing reads them.
-    """
-    B, L, H, Dh = q.shape
-    K = k.shape[2]
-    qh = q.reshape(B, L, K, H // K, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, Dh]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, Dh]
-    static = (float(scale), None if softcap is None else float(softcap), window, int(block_q), int(block_kv))
-    out = _blocked(qh, kh, vh, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), jnp.asarray(sliding),
-                   static)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
-
-
-def _spans(end: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + size, end)) for s in range(0, end, size)]
-
-
-def _tile_mask(seg, pos, sliding, window, qs: int, qe: int, ks: int, ke: int) -> jax.Array:
-    """bool[B, qe-qs, ke-ks]: :func:`attention_mask` restricted to one tile."""
-    k_seg = seg[:, None, ks:ke]
-    mask = (seg[:, qs:qe, None] == k_seg) & (k_seg != 0)
-    if ke - 1 > qs:  # the tile reaches the diagonal
-        mask = mask & (jnp.arange(qs, qe)[:, None] >= jnp.arange(ks, ke)[None, :])[None]
-    if window is not None:
-        mask = mask & (((pos[:, qs:qe, None] - pos[:, None, ks:ke]) < window) | ~sliding)
-    return mask
-
-
-def _tile_scores(qb, kb, mask, scale, softcap):
-    """f32 masked scores [B, K, G, bq, bk] of one tile (mask [B, bq, bk]) and, with soft-capping, the tanh of the
-    scaled ones (for the backward pass)."""
-    s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
-    t = None
-    if softcap is not None:
-        t = jnp.tanh(s / softcap)
-        s = t * softcap
-    return jnp.where(mask[:, None, None], s, _MASK_VALUE), t
-
-
-def _blocked_forward(qh, kh, vh, seg, pos, sliding, static):
-    scale, softcap, window, bq, bkv = static
-    L = qh.shape[3]
-    outs, lses = [], []
-    for qs, qe in _spans(L, bq):
-        qb = qh[:, :, :, qs:qe]
-        m = l = acc = None
-        for ks, ke in _spans(qe, bkv):  # key tiles up to the diagonal
-            s, _ = _tile_scores(qb, kh[:, :, ks:ke], _tile_mask(seg, pos, sliding, window, qs, qe, ks, ke), scale,
-                                softcap)
-            m_new = jnp.max(s, axis=-1) if m is None else jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vh.dtype), vh[:, :, ks:ke],
-                            preferred_element_type=jnp.float32)
-            if m is None:
-                l, acc = jnp.sum(p, axis=-1), pv
-            else:
-                alpha = jnp.exp(m - m_new)
-                l, acc = l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
-            m = m_new
-        outs.append(acc / l[..., None])
-        # +inf for rows that see no key (padding): the backward pass then gives them probability 0 everywhere, so
-        # no gradient flows through a masked score and none out of a row that attends to nothing
-        lses.append(jnp.where(m > 0.5 * _MASK_VALUE, m + jnp.log(l), jnp.inf))
-    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _blocked(qh, kh, vh, seg, pos, sliding, static):
-    return _blocked_forward(qh, kh, vh, seg, pos, sliding, static)[0].astype(qh.dtype)
-
-
-def _blocked_fwd(qh, kh, vh, seg, pos, sliding, static):
-    out, lse = _blocked_forward(qh, kh, vh, seg, pos, sliding, static)
-    return out.astype(qh.dtype), (qh, kh, vh, seg, pos, sliding, out, lse)
-
-
-def _blocked_bwd(static, res, dout):
-    """Flash backward, each tile transposed (keys as rows: [B, K, bk, G, bq]) so that every tile-sized matmul is in a
-    form XLA:CPU runs without copying the tile: sᵀ = k·qᵀ, dpᵀ = v·dOᵀ, dv = pᵀ·dO, dk = dsᵀ·q; only dq = dsᵀᵀ·k
-    transposes, and only its small [Dh, G·bq] result."""
-    scale, softcap, window, bq, bkv = static
-    qh, kh, vh, seg, pos, sliding, out, lse = res
-    L = qh.shape[3]
-    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowsum(dO ⊙ O) [B, K, G, L]
-    dq_blocks = []
-    dk = jnp.zeros(kh.shape, jnp.float32)
-    dv = jnp.zeros(vh.shape, jnp.float32)
-    for qs, qe in _spans(L, bq):
-        qb, dob = qh[:, :, :, qs:qe], dout[:, :, :, qs:qe]
-        lse_b, delta_b = lse[:, :, None, :, qs:qe], delta[:, :, None, :, qs:qe]  # [B, K, 1, G, bq]
-        dq = None
-        for ks, ke in _spans(qe, bkv):
-            kb, vb = kh[:, :, ks:ke], vh[:, :, ks:ke]
-            mask = jnp.swapaxes(_tile_mask(seg, pos, sliding, window, qs, qe, ks, ke), 1, 2)[:, None, :, None]
-            s = jnp.einsum("bksd,bkgqd->bksgq", kb, qb, preferred_element_type=jnp.float32) * scale
-            if softcap is not None:
-                t = jnp.tanh(s / softcap)
-                s = t * softcap
-            p = jnp.exp(jnp.where(mask, s, _MASK_VALUE) - lse_b)
-            dv = dv.at[:, :, ks:ke].add(jnp.einsum("bksgq,bkgqd->bksd", p.astype(dob.dtype), dob,
-                                                   preferred_element_type=jnp.float32))
-            dp = jnp.einsum("bksd,bkgqd->bksgq", vb, dob, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_b)
-            if softcap is not None:
-                ds = ds * (1.0 - t * t)
-            ds = (ds * scale).astype(qh.dtype)  # p = 0 exactly at masked scores: no gradient through them
-            dk = dk.at[:, :, ks:ke].add(jnp.einsum("bksgq,bkgqd->bksd", ds, qb, preferred_element_type=jnp.float32))
-            dq_t = jnp.einsum("bkds,bksgq->bkdgq", jnp.swapaxes(kb, 2, 3), ds, preferred_element_type=jnp.float32)
-            dq = dq_t if dq is None else dq + dq_t
-        dq_blocks.append(jnp.moveaxis(dq, 2, 4))  # [B, K, Dh, G, bq] → [B, K, G, bq, Dh]
-    dq = jnp.concatenate(dq_blocks, axis=3)
-    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None, None
-
-
-_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 SPLASH_BLOCK = 128  # the splash kernel's default query/key block: sequence lengths must be multiples of it

@@ -115,6 +115,40 @@ def test_blocked_kernel_bfloat16_close_to_xla():
     assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
 
 
+@pytest.mark.parametrize("bq,bkv,L", [(16, 16, 80), (16, 48, 160), (16, 64, 64), (16, 128, 80), (13, 13, 78),
+                                      (64, 512, 1088)])
+def test_blocked_key_tiles_cover_each_causal_prefix_once(bq, bkv, L):
+    """Each query block's static-size key tiles cover keys [0, qe) exactly once and none reaches past qe (nothing
+    above the diagonal is computed), for full tiles plus ragged remainders and for bkv ≥ L."""
+    from percausal_jax.models.blocked_attention import _causal_tiles
+
+    @jax.jit
+    def coverage(qe):
+        def tile(carry, ks, size):
+            counts, end = carry
+            ones = jax.lax.dynamic_slice_in_dim(counts, ks, size) + 1
+            return jax.lax.dynamic_update_slice_in_dim(counts, ones, ks, 0), jnp.maximum(end, ks + size)
+        return _causal_tiles(tile, (jnp.zeros(L, jnp.int32), 0), qe, bq, bkv, L)
+
+    for qe in range(bq, L + 1, bq):
+        counts, end = coverage(qe)
+        np.testing.assert_array_equal(np.asarray(counts), (np.arange(L) < qe).astype(np.int32))
+        assert int(end) == qe
+
+
+def test_blocked_kernel_program_size_does_not_grow_with_length():
+    """Query blocks and key tiles are loops, not unrolled: the lowered forward + backward program is as long at 4096
+    tokens as at 1024 (so compile time and compile memory do not grow with the sequence either)."""
+    def program_chars(n):
+        q, k = jnp.zeros((1, n, 2, 8)), jnp.zeros((1, n, 1, 8))
+        seg, pos = jnp.ones((1, n), jnp.int32), jnp.arange(n, dtype=jnp.int32)[None]
+        loss = lambda q, k, v, seg, pos: jnp.sum(layers.blocked_attention(  # noqa: E731
+            q, k, v, seg, pos, scale=0.3, softcap=2.0, window=16, sliding=True))
+        return len(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, seg, pos).as_text())
+
+    assert program_chars(4096) < 1.3 * program_chars(1024)
+
+
 def test_no_dense_mask_in_the_blocked_model():
     """With ``blocked`` no [B, 1, L, L] mask (nor any [.., L, L] array) is built; the xla model has them."""
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
