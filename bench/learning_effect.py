@@ -12,7 +12,7 @@ metrics (the sweep's ``sweep.html`` embeds them).
 Methods: ce, perce (clip 0.8–5, the paper's), perce[clip_max=2] (the personal-vs-generic knob), nextquill, lossce,
 entce; ``--full`` adds perce[clip_min=0] (no floor on generic tokens' weight).
 
-    .venv/bin/python bench/learning_effect.py                   # default size, level hard: ~30 min on 2 cores
+    .venv/bin/python bench/learning_effect.py                   # default size, level hard: ~45 min on 2 cores
     .venv/bin/python bench/learning_effect.py --level medium
     .venv/bin/python bench/learning_effect.py --full --level medium,hard   # 4 LRs × 5 seeds × 24 steps: hours
 
@@ -112,7 +112,7 @@ def _section(level: str, out: Path, data: Path, wall: float, write: bool) -> str
              f"- time: {len(sweep['cells'])} cells, {spent / 60:.1f} min of training and evaluation in all (sum over "
              f"cells; this invocation's wall time {wall / 60:.1f} min, cells finished before are reused)",
              "", "#### Test split, at the LR chosen on "
-             "validation (mean ± std over seeds)", "", table.strip()]
+             "validation (mean ± std over seeds)", "", table.strip().replace("\n## ", "\n#### ")]
     if write:
         FIGURES.mkdir(exist_ok=True)
         shown = []
