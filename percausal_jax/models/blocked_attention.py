@@ -72,14 +72,17 @@ def _causal_tiles(tile, carry, qe, bq: int, bkv: int, L: int):
     return carry
 
 
-def _tile_mask(seg, pos, sliding, window, qs, bq: int, ks, bk: int) -> jax.Array:
-    """bool[B, bq, bk]: the attention mask restricted to queries ``qs .. qs+bq-1`` and keys ``ks .. ks+bk-1``."""
+def tile_mask(seg, pos, sliding, window, qs, bq: int, ks, bk: int) -> jax.Array:
+    """bool[B, bq, bk]: query i sees key j iff j ≤ i, same non-zero segment, and (``sliding``, may be traced)
+    pos_i − pos_j < window; queries ``qs .. qs+bq-1`` and keys ``ks .. ks+bk-1`` (``qs``, ``ks`` may be traced) of
+    ``seg``/``pos`` int[B, L]. The one statement of the rule: the dense masks of
+    :mod:`percausal_jax.models.layers` are its tiles over every key."""
     q_seg, k_seg = lax.dynamic_slice_in_dim(seg, qs, bq, 1), lax.dynamic_slice_in_dim(seg, ks, bk, 1)
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
     mask = mask & ((qs + jnp.arange(bq))[:, None] >= (ks + jnp.arange(bk))[None, :])[None]
     if window is not None:
         q_pos, k_pos = lax.dynamic_slice_in_dim(pos, qs, bq, 1), lax.dynamic_slice_in_dim(pos, ks, bk, 1)
-        mask = mask & (((q_pos[:, :, None] - k_pos[:, None, :]) < window) | ~sliding)
+        mask = mask & (((q_pos[:, :, None] - k_pos[:, None, :]) < window) | ~jnp.asarray(sliding))
     return mask
 
 
@@ -99,7 +102,7 @@ def _blocked_forward(qh, kh, vh, seg, pos, sliding, static):
                            preferred_element_type=jnp.float32) * scale
             if softcap is not None:
                 s = jnp.tanh(s / softcap) * softcap
-            s = jnp.where(_tile_mask(seg, pos, sliding, window, qs, bq, ks, bk)[:, None, None], s, MASK_VALUE)
+            s = jnp.where(tile_mask(seg, pos, sliding, window, qs, bq, ks, bk)[:, None, None], s, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
@@ -152,7 +155,7 @@ def _blocked_bwd(static, res, dout):
         def tile(carry, ks, bk):
             dq, dk, dv = carry
             kb, vb = lax.dynamic_slice_in_dim(kh, ks, bk, 2), lax.dynamic_slice_in_dim(vh, ks, bk, 2)
-            mask = jnp.swapaxes(_tile_mask(seg, pos, sliding, window, qs, bq, ks, bk), 1, 2)[:, None, :, None]
+            mask = jnp.swapaxes(tile_mask(seg, pos, sliding, window, qs, bq, ks, bk), 1, 2)[:, None, :, None]
             s = jnp.einsum("bksd,bkgqd->bksgq", kb, qb, preferred_element_type=jnp.float32) * scale
             if softcap is not None:
                 t = jnp.tanh(s / softcap)

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from percausal_jax.models.blocked_attention import BLOCK_KV, BLOCK_Q, blocked_attention  # noqa: F401 (re-exported)
 from percausal_jax.models.blocked_attention import MASK_VALUE as _MASK_VALUE
+from percausal_jax.models.blocked_attention import tile_mask
 from percausal_jax.models.config import ModelConfig
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "splash")
@@ -71,16 +72,7 @@ def chunk_attention_mask(segment_ids: jax.Array, positions: jax.Array, start: ja
 
     The queries of a KV-cached step (``start`` may be traced) see exactly the keys the full-sequence model shows them.
     """
-    S = segment_ids.shape[1]
-    q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, start, length, axis=1)
-    q_pos = jax.lax.dynamic_slice_in_dim(positions, start, length, axis=1)
-    causal = (start + jnp.arange(length))[:, None] >= jnp.arange(S)[None, :]
-    same = (q_seg[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    mask = causal[None] & same
-    if window is not None:
-        in_window = (q_pos[:, :, None] - positions[:, None, :]) < window
-        mask = mask & (in_window | ~jnp.asarray(sliding))
-    return mask[:, None]
+    return tile_mask(segment_ids, positions, sliding, window, start, length, 0, segment_ids.shape[1])[:, None]
 
 
 def resolve_attention_impl(attention_impl: str, cfg: ModelConfig, dtype, backend: str | None = None,
