@@ -229,11 +229,13 @@ def reference_layout(objective: str, examples, pad_id: int):
 # ------------------------------------------------------------------------------------------------- FLOP model
 
 
-def ours_flops(mc, objective, shapes) -> float:
-    """Σ over batches ``(B, Lp, Lc, R)`` of ``training.flops.step_flops`` (head at the R response slots)."""
+def ours_flops(mc, objective, shapes, attended=None) -> float:
+    """Σ over batches ``(B, Lp, Lc, R)`` of ``training.flops.step_flops`` (head at the R response slots); a packed
+    batch's attention over its segments (``attended``: per batch, the two arrays' ``flops.attended_sq``)."""
     from percausal_jax.training.flops import step_flops
 
-    return sum(step_flops(mc, objective.requirements, *s) for s in shapes)
+    attended = attended or [None] * len(shapes)
+    return sum(step_flops(mc, objective.requirements, *s, attended_sq=a) for s, a in zip(shapes, attended))
 
 
 def reference_flops(mc, objective, micro_shapes) -> float:
@@ -367,6 +369,7 @@ def main() -> None:
     from percausal_jax.hf.gguf import resolve_model_arg
     from percausal_jax.objectives import NextQuill, PerCE, get
     from percausal_jax.training import setup
+    from percausal_jax.training.flops import attended_sq
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
@@ -482,7 +485,10 @@ def main() -> None:
             streams[f"ours ({v})"] = dict(kind="ours", host=host, dev=devs, compiled=compiled, state=state,
                                           stats=stats, compile_s=sum(t_compile.values()),
                                           tokens=[sum(real_tokens(b)) for b in host],
-                                          shapes=[(b.response.ids.shape[0],) + shape3(b) for b in host])
+                                          shapes=[(b.response.ids.shape[0],) + shape3(b) for b in host],
+                                          attended=[(attended_sq(b.personal.segment_ids),
+                                                     attended_sq(b.counterfactual.segment_ids)) if v == "packed"
+                                                    else None for b in host])
         # the reference: the examples of the first ours stream, in logical batches of --batch, micro-batches of m
         examples = [e for b in next(iter(streams.values()))["host"] for e in unpack(b)][:args.examples]
         if "bucketed" in args.variants:
@@ -537,7 +543,7 @@ def main() -> None:
             losses_check[o] = (max(abs(x - y) for x, y in zip(a, b)), len(a), a[0], a[-1])
         results[o] = {k: dict(time=sum(times[k]), steps=times[k], tokens=sum(s["tokens"]) * args.rounds,
                               stats=s["stats"], compile_s=s.get("compile_s"),
-                              shapes=s.get("shapes"), micro_shapes=s.get("micro_shapes"),
+                              shapes=s.get("shapes"), micro_shapes=s.get("micro_shapes"), attended=s.get("attended"),
                               distinct=len(s["compiled"]) if s["kind"] == "ours" else None)
                       for k, s in streams.items()}
         first_compile[o] = sum(s.get("compile_s") or 0 for s in streams.values())
@@ -571,7 +577,7 @@ def main() -> None:
         for k, r in res.items():
             if not k.startswith("ours"):
                 continue
-            f_ours = ours_flops(mc, obj, r["shapes"])
+            f_ours = ours_flops(mc, obj, r["shapes"], r.get("attended"))
             work = (f_ref / ref["tokens"] * args.rounds) / (f_ours / r["tokens"] * args.rounds)
             measured = (r["tokens"] / r["time"]) / ref_tps
             line = (f"- {o}, {k}: analytic FLOPs per real token ours {f_ours / (r['tokens'] / args.rounds):.3e}, "
@@ -580,7 +586,7 @@ def main() -> None:
                     f"{measured / work:.2f}× the reference's FLOP/s")
             if full_mc is not None:
                 w24 = ((reference_flops(full_mc, obj, ref["micro_shapes"]) / ref["tokens"])
-                       / (ours_flops(full_mc, obj, r["shapes"]) / r["tokens"]))
+                       / (ours_flops(full_mc, obj, r["shapes"], r.get("attended")) / r["tokens"]))
                 line += (f"; with all 24 layers the same batches give a work ratio of {w24:.2f}×, i.e. "
                          f"~{w24 * measured / work:.2f}× at the measured FLOP/s ratio")
             target = TARGETS[o]

@@ -2,9 +2,10 @@
 
 Query blocks × key tiles with an online softmax, both as real loops (``fori_loop`` over query blocks, a while loop
 over each block's key tiles up to the causal diagonal), so the program's size and compile time do not grow with the
-sequence length. Tiles have static sizes: a query block's causal prefix of keys ``[0, qe)`` is covered by full
-``block_kv`` tiles and then by at most one tile each of ``block_q · 2^i`` keys (the binary digits of the remainder),
-so no tile reaches past the diagonal and nothing above it is computed. Shapes as in :mod:`percausal_jax.models.layers`.
+sequence length. Tiles have static sizes: a query block's keys ``[k0, qe)`` are covered by full ``block_kv`` tiles
+and then by at most one tile each of ``block_q · 2^i`` keys (the binary digits of the remainder), so no tile
+reaches past the diagonal and nothing above it is computed. ``k0`` is where the block's segments begin (in every
+row of the batch): in a packed row, the tiles of the earlier examples are skipped too. Shapes as in :mod:`percausal_jax.models.layers`.
 """
 
 from __future__ import annotations
@@ -54,22 +55,43 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
 
 
-def _causal_tiles(tile, carry, qe, bq: int, bkv: int, L: int):
-    """``carry = tile(carry, ks, size)`` over key tiles covering ``[0, qe)`` (``qe`` traced, a multiple of ``bq``):
-    ``qe // bkv`` tiles of ``bkv`` keys in a while loop, then the rest in tiles of ``bq · 2^i`` keys, the binary
-    digits of ``rest / bq``, largest first. Sizes are static; the last tile ends at ``qe``. With ``bkv ≥ L`` there
-    is no loop: XLA would hoist its one tile out of the loop over query blocks and compute it for every block."""
-    ks, max_rest = 0, L // bq
+def _causal_tiles(tile, carry, k0, qe, bq: int, bkv: int, L: int):
+    """``carry = tile(carry, ks, size)`` over key tiles covering ``[k0, qe)`` (both traced multiples of ``bq``,
+    ``k0 ≤ qe``): ``(qe − k0) // bkv`` tiles of ``bkv`` keys in a while loop, then the rest in tiles of ``bq · 2^i``
+    keys, the binary digits of ``rest / bq``, largest first. Sizes are static; the last tile ends at ``qe``. With
+    ``bkv ≥ L`` there is no loop: XLA would hoist its one tile out of the loop over query blocks and compute it for
+    every block."""
+    ks, max_rest = k0, L // bq
     if bkv < L:
-        n_full = qe // bkv
-        carry = lax.fori_loop(0, n_full, lambda j, c: tile(c, j * bkv, bkv), carry)
-        ks, max_rest = n_full * bkv, bkv // bq - 1
+        n_full = (qe - k0) // bkv
+        carry = lax.fori_loop(0, n_full, lambda j, c: tile(c, k0 + j * bkv, bkv), carry)
+        ks, max_rest = k0 + n_full * bkv, bkv // bq - 1
     rest = (qe - ks) // bq
     for bit in reversed(range(max_rest.bit_length())):
         size, take = bq << bit, (rest >> bit) & 1
         carry = lax.cond(take == 1, lambda c, ks=ks, size=size: tile(c, ks, size), lambda c: c, carry)
         ks = ks + take * size
     return carry
+
+
+def first_keys(seg: jax.Array, bq: int) -> jax.Array:
+    """int32[L // bq]: for each block of ``bq`` queries, the first key any of its queries may see, rounded down to
+    a multiple of ``bq``; keys before it belong to other segments in every row, so their tiles are skipped (a
+    packed row's earlier examples). A query sees no key before the first occurrence of its segment id in its row
+    (found by a stable sort, so ids need not be contiguous runs); padding queries (segment 0) need none. A block
+    of padding only gets its own end: no tile."""
+    B, L = seg.shape
+    idx = jnp.arange(L, dtype=jnp.int32)
+    order = jnp.argsort(seg, axis=1, stable=True)  # [B, L]: positions grouped by segment id, ascending
+    sorted_seg = jnp.take_along_axis(seg, order, axis=1)
+    starts = (sorted_seg != jnp.roll(sorted_seg, 1, axis=1)) | (idx == 0)[None]
+    group_start = lax.cummax(jnp.where(starts, idx[None], 0), axis=1)  # index in sorted order of the group's first
+    first = jnp.zeros_like(order).at[jnp.arange(B)[:, None], order].set(
+        jnp.take_along_axis(order, group_start, axis=1))  # first occurrence of each position's segment id
+    first = jnp.where(seg != 0, first, L)
+    block_min = jnp.min(first.reshape(B, L // bq, bq), axis=(0, 2))
+    block_end = (jnp.arange(L // bq, dtype=jnp.int32) + 1) * bq
+    return jnp.minimum(block_min // bq * bq, block_end)
 
 
 def tile_mask(seg, pos, sliding, window, qs, bq: int, ks, bk: int) -> jax.Array:
@@ -90,6 +112,7 @@ def _blocked_forward(qh, kh, vh, seg, pos, sliding, static):
     """(out f32 [B, K, G, L, Dh], lse f32 [B, K, G, L]); L a multiple of bq."""
     scale, softcap, window, bq, bkv = static
     B, K, G, L, Dh = qh.shape
+    k0s = first_keys(seg, bq)
 
     def block(i, outs):
         out, lse = outs
@@ -112,11 +135,12 @@ def _blocked_forward(qh, kh, vh, seg, pos, sliding, static):
 
         init = (jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, Dh), jnp.float32))
-        m, l, acc = _causal_tiles(tile, init, qs + bq, bq, bkv, L)
+        m, l, acc = _causal_tiles(tile, init, k0s[i], qs + bq, bq, bkv, L)
         # +inf for rows that see no key (padding): the backward pass then gives them probability 0 everywhere, so
         # no gradient flows through a masked score and none out of a row that attends to nothing
         lse_b = jnp.where(m > 0.5 * MASK_VALUE, m + jnp.log(l), jnp.inf)
-        return (lax.dynamic_update_slice_in_dim(out, acc / l[..., None], qs, 3),
+        out_b = acc / jnp.where(l > 0, l, 1.0)[..., None]  # l = 0: a block of padding, no tile computed
+        return (lax.dynamic_update_slice_in_dim(out, out_b, qs, 3),
                 lax.dynamic_update_slice_in_dim(lse, lse_b, qs, 3))
 
     init = (jnp.zeros((B, K, G, L, Dh), jnp.float32), jnp.zeros((B, K, G, L), jnp.float32))
@@ -144,6 +168,7 @@ def _blocked_bwd(static, res, dout):
     B, K, G, L, Dh = qh.shape
     delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowsum(dO ⊙ O) [B, K, G, L]
     kt = jnp.swapaxes(kh, 2, 3)  # [B, K, Dh, L]
+    k0s = first_keys(seg, bq)
 
     def block(i, grads):
         dq_all, dk_all, dv_all = grads
@@ -175,7 +200,7 @@ def _blocked_bwd(static, res, dout):
             return dq, add(dk, dk_t), add(dv, dv_t)
 
         init = (jnp.zeros((B, K, Dh, G, bq), jnp.float32), dk_all, dv_all)
-        dq, dk_all, dv_all = _causal_tiles(tile, init, qs + bq, bq, bkv, L)
+        dq, dk_all, dv_all = _causal_tiles(tile, init, k0s[i], qs + bq, bq, bkv, L)
         dq_all = lax.dynamic_update_slice_in_dim(dq_all, jnp.moveaxis(dq, 2, 4), qs, 3)  # → [B, K, G, bq, Dh]
         return dq_all, dk_all, dv_all
 

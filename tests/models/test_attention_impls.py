@@ -117,23 +117,82 @@ def test_blocked_kernel_bfloat16_close_to_xla():
 
 @pytest.mark.parametrize("bq,bkv,L", [(16, 16, 80), (16, 48, 160), (16, 64, 64), (16, 128, 80), (13, 13, 78),
                                       (64, 512, 1088)])
-def test_blocked_key_tiles_cover_each_causal_prefix_once(bq, bkv, L):
-    """Each query block's static-size key tiles cover keys [0, qe) exactly once and none reaches past qe (nothing
-    above the diagonal is computed), for full tiles plus ragged remainders and for bkv ≥ L."""
+def test_blocked_key_tiles_cover_each_key_range_once(bq, bkv, L):
+    """Each query block's static-size key tiles cover keys [k0, qe) exactly once and none reaches past qe (nothing
+    above the diagonal is computed), for every start k0 ≤ qe, full tiles plus ragged remainders and bkv ≥ L."""
     from percausal_jax.models.blocked_attention import _causal_tiles
 
     @jax.jit
-    def coverage(qe):
+    def coverage(k0, qe):
         def tile(carry, ks, size):
             counts, end = carry
             ones = jax.lax.dynamic_slice_in_dim(counts, ks, size) + 1
             return jax.lax.dynamic_update_slice_in_dim(counts, ones, ks, 0), jnp.maximum(end, ks + size)
-        return _causal_tiles(tile, (jnp.zeros(L, jnp.int32), 0), qe, bq, bkv, L)
+        return _causal_tiles(tile, (jnp.zeros(L, jnp.int32), k0), k0, qe, bq, bkv, L)
 
     for qe in range(bq, L + 1, bq):
-        counts, end = coverage(qe)
-        np.testing.assert_array_equal(np.asarray(counts), (np.arange(L) < qe).astype(np.int32))
-        assert int(end) == qe
+        for k0 in sorted({0, bq, qe - bq, qe, qe // 2 // bq * bq}):
+            counts, end = coverage(k0, qe)
+            np.testing.assert_array_equal(np.asarray(counts), ((np.arange(L) >= k0) & (np.arange(L) < qe)).astype(np.int32))
+            assert int(end) == qe
+
+
+def test_first_keys_against_brute_force():
+    """A block's first key: the earliest key any of its queries may see in any row, rounded down to the block size
+    (a padding-only block gets its own end); segment ids in any order, repeated runs of one id included."""
+    from percausal_jax.models.blocked_attention import first_keys
+
+    rs = np.random.RandomState(0)
+    for bq in (1, 4, 16):
+        for rows in range(1, 4):
+            L = 64
+            seg = np.zeros((rows, L), np.int32)
+            for b in range(rows):
+                cuts = np.sort(rs.choice(np.arange(1, L), 5, replace=False))
+                for j, (a, e) in enumerate(zip([0, *cuts], [*cuts, L])):
+                    seg[b, a:e] = rs.choice([0, 1, 2, 3, 7])  # ids repeat and need not increase
+            expect = []
+            for blk in range(L // bq):
+                firsts = [min(j for j in range(i + 1) if seg[b, j] == seg[b, i])
+                          for b in range(rows) for i in range(blk * bq, (blk + 1) * bq) if seg[b, i] != 0]
+                expect.append(min(firsts) // bq * bq if firsts else (blk + 1) * bq)
+            np.testing.assert_array_equal(np.asarray(first_keys(jnp.asarray(seg), bq)), expect)
+
+
+def test_blocked_kernel_on_packed_rows_skips_earlier_examples():
+    """Packed rows only (no row starting at 0 to hide the skip): the kernel equals the dense one, forward and
+    gradients, with ids that repeat out of order (segment 1 again after 2) and a block of padding only; and where
+    each block's key tiles begin."""
+    from percausal_jax.models.blocked_attention import first_keys
+
+    L2 = 128
+    seg = np.zeros((2, L2), np.int32)
+    seg[0, :40], seg[0, 40:90], seg[0, 90:110] = 1, 2, 1
+    seg[1, :56], seg[1, 56:96] = 3, 4
+    pos = np.zeros_like(seg)
+    for b in range(2):
+        for s_id in np.unique(seg[b]):
+            pos[b, seg[b] == s_id] = np.arange(int(np.sum(seg[b] == s_id)))
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    rs = np.random.RandomState(4)
+    q, k, v = (jnp.asarray(rs.randn(2, L2, n, DH), jnp.float32) for n in (H, K, K))
+    valid = (seg > 0)[:, :, None, None]
+    w = jnp.asarray(rs.randn(2, L2, H, DH), jnp.float32)
+    mask = layers.attention_mask(seg, pos, False, None)
+    dense = lambda q, k, v: layers._xla_attention(q, k, v, mask, 0.3, None)  # noqa: E731
+    blocked = lambda q, k, v: layers.blocked_attention(q, k, v, seg, pos, scale=0.3, block_q=16,  # noqa: E731
+                                                        block_kv=32)
+    out = blocked(q, k, v)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_allclose(np.asarray(out * valid), np.asarray(dense(q, k, v) * valid), atol=2e-6, rtol=0)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w * valid)  # noqa: E731
+    for a, b in zip(jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6, rtol=0)
+    k0 = np.asarray(first_keys(seg, 16))
+    # block 4 (queries 64–79): segments 2 (from 40) and 4 (from 56) → 32; blocks 5–6 hold row 0's segment 1 again
+    # (first at 0) → 0; block 7 is padding in both rows → its own end, no tile
+    np.testing.assert_array_equal(k0, [0, 0, 0, 0, 32, 0, 0, 128])
 
 
 def test_blocked_kernel_program_size_does_not_grow_with_length():
