@@ -5,7 +5,8 @@ over each block's key tiles up to the causal diagonal), so the program's size an
 sequence length. Tiles have static sizes: a query block's keys ``[k0, qe)`` are covered by full ``block_kv`` tiles
 and then by at most one tile each of ``block_q · 2^i`` keys (the binary digits of the remainder), so no tile
 reaches past the diagonal and nothing above it is computed. ``k0`` is where the block's segments begin (in every
-row of the batch): in a packed row, the tiles of the earlier examples are skipped too. Shapes as in :mod:`percausal_jax.models.layers`.
+row of the batch): in a packed row, the tiles of the earlier examples are skipped too. Shapes as in
+:mod:`percausal_jax.models.layers`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         pad = lambda x, axis: jnp.pad(x, [(0, Lp - L if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
         qh, kh, vh, seg, pos = pad(qh, 3), pad(kh, 2), pad(vh, 2), pad(seg, 1), pad(pos, 1)
     static = (float(scale), None if softcap is None else float(softcap), window, bq, bkv)
-    out = _blocked(qh, kh, vh, seg, pos, jnp.asarray(sliding), static)[:, :, :, :L]
+    out = _blocked(qh, kh, vh, seg, pos, jnp.asarray(sliding), first_keys(seg, bq), static)[:, :, :, :L]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
 
 
@@ -108,11 +109,10 @@ def tile_mask(seg, pos, sliding, window, qs, bq: int, ks, bk: int) -> jax.Array:
     return mask
 
 
-def _blocked_forward(qh, kh, vh, seg, pos, sliding, static):
-    """(out f32 [B, K, G, L, Dh], lse f32 [B, K, G, L]); L a multiple of bq."""
+def _blocked_forward(qh, kh, vh, seg, pos, sliding, k0s, static):
+    """(out f32 [B, K, G, L, Dh], lse f32 [B, K, G, L]); L a multiple of bq; ``k0s`` = :func:`first_keys`."""
     scale, softcap, window, bq, bkv = static
     B, K, G, L, Dh = qh.shape
-    k0s = first_keys(seg, bq)
 
     def block(i, outs):
         out, lse = outs
@@ -147,14 +147,14 @@ def _blocked_forward(qh, kh, vh, seg, pos, sliding, static):
     return lax.fori_loop(0, L // bq, block, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _blocked(qh, kh, vh, seg, pos, sliding, static):
-    return _blocked_forward(qh, kh, vh, seg, pos, sliding, static)[0].astype(qh.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _blocked(qh, kh, vh, seg, pos, sliding, k0s, static):
+    return _blocked_forward(qh, kh, vh, seg, pos, sliding, k0s, static)[0].astype(qh.dtype)
 
 
-def _blocked_fwd(qh, kh, vh, seg, pos, sliding, static):
-    out, lse = _blocked_forward(qh, kh, vh, seg, pos, sliding, static)
-    return out.astype(qh.dtype), (qh, kh, vh, seg, pos, sliding, out, lse)
+def _blocked_fwd(qh, kh, vh, seg, pos, sliding, k0s, static):
+    out, lse = _blocked_forward(qh, kh, vh, seg, pos, sliding, k0s, static)
+    return out.astype(qh.dtype), (qh, kh, vh, seg, pos, sliding, k0s, out, lse)
 
 
 def _blocked_bwd(static, res, dout):
@@ -164,11 +164,10 @@ def _blocked_bwd(static, res, dout):
     small [Dh, G·bq] dqᵀ is transposed back. The loop over query blocks carries dK/dV (f32 [B, K, L, Dh]); each
     block's dQ accumulates over its key tiles."""
     scale, softcap, window, bq, bkv = static
-    qh, kh, vh, seg, pos, sliding, out, lse = res
+    qh, kh, vh, seg, pos, sliding, k0s, out, lse = res
     B, K, G, L, Dh = qh.shape
     delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowsum(dO ⊙ O) [B, K, G, L]
     kt = jnp.swapaxes(kh, 2, 3)  # [B, K, Dh, L]
-    k0s = first_keys(seg, bq)
 
     def block(i, grads):
         dq_all, dk_all, dv_all = grads
@@ -206,7 +205,7 @@ def _blocked_bwd(static, res, dout):
 
     init = (jnp.zeros(qh.shape, jnp.float32), jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32))
     dq, dk, dv = lax.fori_loop(0, L // bq, block, init)
-    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None, None
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None, None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -3,11 +3,14 @@ is measured against, in training logs, AOT plans and benchmarks alike."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from percausal_jax.models.config import ModelConfig
 from percausal_jax.objectives import Requirements
 
 
-def forward_flops(mc: ModelConfig, batch: int, seq: int, response: int, *, attended_sq: float | None = None) -> float:
+def forward_flops(mc: ModelConfig, batch: int, seq: int, response: int, *,
+                  attended_sq: float | None = None) -> float:
     """One forward pass: 2·(layer params)·tokens + causal attention scores (4·layers·heads·head_dim·S², over each
     row: ``batch·seq²``; or ``attended_sq`` = Σ S² over the rows' segments, see :func:`attended_sq`) + the LM head at
     response positions only."""
@@ -20,8 +23,6 @@ def forward_flops(mc: ModelConfig, batch: int, seq: int, response: int, *, atten
 def attended_sq(segment_ids) -> float:
     """Σ over rows and their non-zero segments of (segment length)²: the attention term of a packed row, whose
     examples do not attend to each other (the blocked kernel skips those tiles, splash its blocks)."""
-    import numpy as np
-
     seg = np.asarray(segment_ids)
     return float(sum(np.sum(np.bincount(row[row > 0]).astype(np.float64) ** 2) for row in seg))
 

@@ -133,7 +133,8 @@ def test_blocked_key_tiles_cover_each_key_range_once(bq, bkv, L):
     for qe in range(bq, L + 1, bq):
         for k0 in sorted({0, bq, qe - bq, qe, qe // 2 // bq * bq}):
             counts, end = coverage(k0, qe)
-            np.testing.assert_array_equal(np.asarray(counts), ((np.arange(L) >= k0) & (np.arange(L) < qe)).astype(np.int32))
+            expect = (np.arange(L) >= k0) & (np.arange(L) < qe)
+            np.testing.assert_array_equal(np.asarray(counts), expect.astype(np.int32))
             assert int(end) == qe
 
 
