@@ -94,4 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1 fills the remaining devices
     c.mesh.tensor = 1
+    # ranks of each axis across processes (hosts); the rest within one (MaxText's dcn_*_parallelism). All 1: JAX's
+    # own device order. E.g. tensor=2, dcn_tensor=2: every tensor pair spans two hosts.
+    c.mesh.dcn_data = 1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
     return c

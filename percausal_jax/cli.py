@@ -1,7 +1,8 @@
 """The ``percausal`` command line. Each subcommand lives in its own module and exposes ``register(subparsers)``.
 
 Bad input raises :class:`percausal_jax.errors.UserError`; here it becomes one line on stderr and exit code 2
-(3 for a :class:`~percausal_jax.errors.StorageError`: the disk or bucket failed, the input was fine).
+(3 for a :class:`~percausal_jax.errors.StorageError`: the disk or bucket failed, the input was fine; 4 for a
+:class:`~percausal_jax.errors.ProcessMismatch`: the processes of a multi-process run disagree).
 """
 
 from __future__ import annotations

@@ -210,10 +210,17 @@ class MeshSpec:
     data: int
     fsdp: int
     tensor: int
+    dcn_data: int
+    dcn_fsdp: int
+    dcn_tensor: int
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.data, self.fsdp, self.tensor
+
+    @property
+    def dcn(self) -> tuple[int, int, int]:
+        return self.dcn_data, self.dcn_fsdp, self.dcn_tensor
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "optimizer": OptimizerSpec,
@@ -262,6 +269,7 @@ BOUNDS = {  # every numeric key with a limited range (the mesh's -1 = "the remai
     "data.k": Bound(1), "data.max_prompt_len": Bound(1), "data.max_response_len": Bound(1),
     "data.pack_personal_len": _NONNEG, "data.pack_counterfactual_len": _NONNEG, "data.pack_response_len": _NONNEG,
     "data.pack_lookahead": _NONNEG, "data.bucket_multiple": Bound(1),
+    "mesh.dcn_data": Bound(1), "mesh.dcn_fsdp": Bound(1), "mesh.dcn_tensor": Bound(1),
 }
 # the objectives' hyper-parameters with a limited range, and pairs that must be ordered (low ≤ high)
 OBJECTIVE_BOUNDS = {"perce": {"clip_min": _NONNEG, "clip_max": _POS},

@@ -39,3 +39,10 @@ def describe(value: object) -> str:
     names = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
     shown = repr(value)
     return f"{names.get(type(value), type(value).__name__)} {shown[:40] + '...' if len(shown) > 40 else shown}"
+
+
+class ProcessMismatch(UserError):
+    """The processes of one multi-process run disagree (config, data, mesh, or the loss they computed): one line,
+    exit code 4, on every process; the run stops rather than train on inconsistent replicas."""
+
+    exit_code = 4

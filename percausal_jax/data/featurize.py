@@ -323,6 +323,14 @@ class FeaturizeStats:
             self.length_sum[key] += len(ids)
             self.length_max[key] = max(self.length_max[key], len(ids))
 
+    def merged(self, other: FeaturizeStats) -> FeaturizeStats:
+        """The counts of both (e.g. of several row blocks); maxima are maxima."""
+        add = lambda a, b: {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}  # noqa: E731
+        return FeaturizeStats(self.kept + other.kept, add(self.dropped, other.dropped),
+                              add(self.items_used, other.items_used), add(self.length_sum, other.length_sum),
+                              {k: max(self.length_max[k], other.length_max[k]) for k in self.length_max},
+                              self.truncated_response + other.truncated_response)
+
     def summary(self) -> dict:
         """Plain numbers for logging: kept, dropped by reason, truncated responses, mean/max lengths, items-used
         histogram and mean."""

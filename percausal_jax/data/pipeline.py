@@ -4,7 +4,7 @@
 
     source (JSONL/parquet list, ArrayRecord, TFDS data source)    records, decoded and validated lazily
       → MapDataset.source → .seed(seed).shuffle() → .repeat(num_epochs)
-      → BlockShard                                                 per process: its rows of each global batch
+      → BlockShard                                                 one row block's examples of each global batch
       → .map(Featurizer)                                           Kept | Dropped, 1:1, so still random access
       → .to_iter_dataset(ReadOptions) [→ .mp_prefetch(workers)]    featurization in threads / worker processes
       → PairedBatchIterator                                        skip+count drops, batch, pack, bucket, collate
@@ -14,7 +14,7 @@ Static shapes, two ways:
 - **Bucketing** (``packing=False``): one example per row; each batch is padded to the smallest boundary that fits,
   separately for the personal sequences ``Lp``, the counterfactual sequences ``Lc`` and the response slots ``R``,
   so only a few shapes are ever compiled (at most the product of the three boundary counts). A batch always has
-  ``per_process_batch_size`` rows; a finite pipeline's last batch is filled with empty rows (all padding: segment
+  ``batch_size`` rows; a finite pipeline's last batch is filled with empty rows (all padding: segment
   ids 0, weights 0), so shapes stay static and every example is seen.
 - **Packing** (``packing=True``): several examples per row, and every batch has exactly the row capacity shape
   ``(B, pack_personal_len)``, ``(B, pack_counterfactual_len)``, ``(B, pack_response_len)``: one compiled shape. A
@@ -37,8 +37,11 @@ the pending pool itself (token id lists as JSON ints, so a restore never re-read
 (``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``). The pool makes a packed state ~2 MB per
 process at LongLaMP lengths (64 examples of ~1.4k ids, one id per line in Grain's indented JSON).
 
-Note for multi-host training with a finite ``num_epochs``: shards can differ by up to a batch and drops differ per
-process, so hosts may see different numbers of batches; train with ``num_epochs=None`` and a step count.
+One iterator is one row block's stream (:mod:`~percausal_jax.data.rows`): ``block`` of ``num_blocks``, each
+block featurized, bucketed and packed by itself, so a block's rows are the same whichever process builds them. A
+process builds the blocks its devices hold and :class:`~percausal_jax.data.rows.ProcessRows` concatenates them.
+With a finite ``num_epochs``, blocks can differ in length by up to a batch (and by their drops): a block that ran
+out feeds empty rows (``ProcessRows``); train with ``num_epochs=None`` and a step count.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import grain
 from percausal_jax import storage
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, FeaturizeStats, Featurizer, Kept
 from percausal_jax.data.pairing import PairedBatch, PairedExample, collate, shape_of
-from percausal_jax.data.process_shard import BlockShard
+from percausal_jax.data.rows import BlockShard, RowLayout
 from percausal_jax.data.records import (SkipReport, detect_kind, read_records, validate_canonical, validate_prompt,
                                         validate_trl)
 from percausal_jax.data.retrieval import Contriever
@@ -381,14 +384,15 @@ class _PairedBatchDataset(grain.IterDataset):
 
 
 def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: FeaturizeConfig, *,
-                  per_process_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                  batch_size: int, seed: int, block: int = 0, num_blocks: int = 1,
                   num_epochs: int | None = None, shuffle: bool = True, packing: bool = False,
                   bucket_multiple: int = 64, buckets: Buckets | None = None, pack_personal_len: int = 0,
                   pack_counterfactual_len: int = 0, pack_response_len: int = 0,
                   pack_lookahead: int = DEFAULT_LOOKAHEAD, contriever: Contriever | None = None,
                   read_threads: int = 4, worker_count: int = 0, strict: bool = False,
                   report: SkipReport | None = None) -> PairedBatchIterator:
-    """The whole pipeline in one call (see module doc); returns a fresh, checkpointable iterator.
+    """The whole pipeline of row block ``block`` of ``num_blocks`` in one call (see module doc): batches of
+    ``batch_size`` rows; returns a fresh, checkpointable iterator.
 
     Lengths come from ``fcfg`` (both ``max_prompt_len`` and ``max_response_len`` are required): buckets are
     multiples of ``bucket_multiple`` up to ``max_prompt_len + max_response_len − 1`` (sequences) and
@@ -400,11 +404,10 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
     ``if __name__ == "__main__"`` guard); the batching stage always runs in this process. ``strict`` / ``report``:
     see :func:`open_source` (rows skipped while reading a file are counted in ``report``).
     """
-    if per_process_batch_size < 1:
-        raise UserError(f"per_process_batch_size {per_process_batch_size}: expected an integer >= 1")
-    if not 0 <= process_index < process_count:
-        raise UserError(f"process_index {process_index} / process_count {process_count}: expected "
-                        "0 <= process_index < process_count")
+    if batch_size < 1:
+        raise UserError(f"batch_size {batch_size}: expected an integer >= 1")
+    if not 0 <= block < num_blocks:
+        raise UserError(f"row block {block} of {num_blocks}: expected 0 <= block < num_blocks")
     if buckets is None:
         if bucket_multiple < 1:
             raise UserError(f"bucket_multiple {bucket_multiple}: expected an integer >= 1")
@@ -418,30 +421,42 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
     ds = grain.MapDataset.source(records)
     if shuffle:
         ds = ds.seed(seed).shuffle()
-    ds = BlockShard(ds.repeat(num_epochs), per_process_batch_size, process_index, process_count).map(featurizer)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=max(2 * per_process_batch_size, 16)))
+    ds = BlockShard(ds.repeat(num_epochs), batch_size, block, num_blocks)
+    it_ds = ds.map(featurizer).to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                                 prefetch_buffer_size=max(2 * batch_size, 16)))
     if worker_count > 0:
         from absl import flags  # grain workers read absl flags (engineering.md, worker pitfalls)
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    give_up = max(-(-len(records) // process_count), 1)  # one full pass over this process's shard
-    return iter(_PairedBatchDataset(it_ds, per_process_batch_size, buckets, pack if packing else False, give_up))
+    give_up = max(len(records), 1)  # as many consecutive drops as there are records, nothing kept: all dropped
+    return iter(_PairedBatchDataset(it_ds, batch_size, buckets, pack if packing else False, give_up))
 
 
 # ----------------------------------------------------------------------------------------------------- to devices
 
 
-def to_global(batch: PairedBatch, mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> PairedBatch:
-    """This process's rows → a ``PairedBatch`` of global ``jax.Array``s, leading axis sharded over
-    ``batch_axes``; the global batch is ``per_process_batch_size × process_count`` rows."""
+def to_global(batch: PairedBatch, mesh, layout: RowLayout | None = None) -> PairedBatch:
+    """This process's rows (its row blocks of ``layout``, concatenated in block order) → a ``PairedBatch`` of global
+    ``jax.Array``s of ``layout.rows`` rows, sharded over the batch axes; each device gets its block's rows.
+    ``layout`` defaults to the batch being the whole global batch (one process)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    missing = [axis for axis in batch_axes if axis not in mesh.axis_names]
+    from percausal_jax.data.rows import BATCH_AXES, row_layout
+
+    missing = [axis for axis in BATCH_AXES if axis not in mesh.axis_names]
     if missing:
         raise ValueError(f"batch axes {missing} are not mesh axes {mesh.axis_names}")
-    sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    rows = batch.personal.tokens.shape[0]
+    layout = layout or row_layout(mesh, rows)
+    if rows != layout.local_rows:
+        raise ValueError(f"this process fed {rows} rows; its row blocks {layout.blocks} hold {layout.local_rows}")
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+    def put(x):
+        return jax.make_array_from_callback((layout.rows, *x.shape[1:]), sharding,
+                                            lambda index: x[(layout.local_index(index[0]), *index[1:])])
+
+    return jax.tree.map(put, batch)

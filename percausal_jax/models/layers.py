@@ -21,7 +21,7 @@ from percausal_jax.models.blocked_attention import tile_mask
 from percausal_jax.models.config import ModelConfig
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "splash")
-DENSE_MASK_IMPLEMENTATIONS = ("xla", "cudnn")  # kernels that take a [B, 1, L, L] mask
+DENSE_MASK_IMPLEMENTATIONS = ("xla",)  # kernels that take a [B, 1, L, L] mask
 
 
 class RMSNorm(nnx.Module):
@@ -99,20 +99,18 @@ def resolve_attention_impl(attention_impl: str, cfg: ModelConfig, dtype, backend
 def attention(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, positions: jax.Array,
               cfg: ModelConfig, sliding: jax.Array | bool, mask: jax.Array | None = None) -> jax.Array:
     """Self-attention by kernel name: q [B, L, H, Dh], k/v [B, L, K, Dh] → [B, L, H, Dh], masked by the rule of
-    :func:`attention_mask` (``mask``, when given, is that mask for the dense kernels; built here otherwise)."""
+    :func:`attention_mask` (``mask``, when given, is that mask for the dense ``xla`` kernel; built here otherwise)."""
     impl = resolve_attention_impl(impl, cfg, q.dtype)
     if impl == "blocked":
         return blocked_attention(q, k, v, segment_ids, positions, scale=cfg.attn_scale,
                                  softcap=cfg.attn_logit_softcap, window=cfg.sliding_window, sliding=sliding)
     if impl == "splash":
         return _splash_attention(q, k, v, segment_ids, cfg, sliding)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, positions, cfg, sliding)
     if mask is None:
         mask = attention_mask(segment_ids, positions, sliding, cfg.sliding_window)
-    if impl == "xla":
-        return _xla_attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcap)
-    if cfg.attn_logit_softcap is not None:
-        raise ValueError("cudnn attention does not support attention logit soft-capping (Gemma2): use 'blocked'")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.attn_scale, implementation="cudnn")
+    return _xla_attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcap)
 
 
 class Attention(nnx.Module):
@@ -134,8 +132,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                  segment_ids: jax.Array, sliding: jax.Array | bool, positions: jax.Array | None = None) -> jax.Array:
-        """x [B, L, D] → [B, L, D]. ``mask`` bool[B, 1, L, L] for the dense kernels (``xla``, ``cudnn``; None: built
-        from ``segment_ids``/``positions``); ``blocked`` masks each tile from ``segment_ids``/``positions``."""
+        """x [B, L, D] → [B, L, D]. ``mask`` bool[B, 1, L, L] for the dense ``xla`` kernel (None: built from
+        ``segment_ids``/``positions``); the other kernels mask from ``segment_ids``/``positions`` without it."""
         B, L, _ = x.shape
         with jax.named_scope("attn_qkv"):
             q, k, v = self._qkv(x, cos, sin)
@@ -198,11 +196,55 @@ def _xla_attention(q, k, v, mask, scale: float, softcap: float | None) -> jax.Ar
     return out.reshape(B, L, H, Dh).astype(q.dtype)
 
 
+def cudnn_attention(q, k, v, segment_ids, positions, cfg: ModelConfig, sliding,
+                    implementation: str = "cudnn") -> jax.Array:
+    """``attention_impl='cudnn'``: :func:`jax.nn.dot_product_attention` told the mask by its arguments (causal,
+    per-row lengths, a left window), so no ``[L, L]`` mask exists; ``implementation="xla"`` is the same call on any
+    backend (tests). Those arguments express the rule of :func:`attention_mask` only for a batch of
+    :func:`one_segment_per_row`; any other batch (a packed row, left padding) goes whole through the blocked kernel.
+    The choice is made on the device (``lax.switch``), as generation (left-padded) and training (right-padded, or
+    packed) run one model; both kernels are compiled, and their residuals for the backward pass allocated."""
+    if cfg.attn_logit_softcap is not None:
+        raise ValueError("cudnn attention does not support attention logit soft-capping (Gemma2): use 'blocked'")
+    window = cfg.sliding_window
+    lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+
+    def dense(windowed: bool):
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=cfg.attn_scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            local_window_size=(window - 1, 0) if windowed else None, implementation=implementation)
+
+    def blocked(q, k, v):
+        return blocked_attention(q, k, v, segment_ids, positions, scale=cfg.attn_scale, window=window,
+                                 sliding=sliding)
+
+    if window is None or isinstance(sliding, bool):
+        branches, which = [dense(window is not None and sliding)], 0
+    else:  # a traced per-layer flag (scanned Gemma2/3 layers)
+        branches, which = [dense(False), dense(True)], jnp.asarray(sliding, jnp.int32)
+    simple = one_segment_per_row(segment_ids, positions, window is not None)
+    return jax.lax.switch(jnp.where(simple, which, len(branches)), [*branches, blocked], q, k, v)
+
+
+def one_segment_per_row(segment_ids: jax.Array, positions: jax.Array, windowed: bool) -> jax.Array:
+    """bool[]: every row is one segment from index 0, then padding (segment 0) only, and (``windowed``) its
+    positions count up by one from the first token's — the batches whose mask is causal ∧ (i, j < row length) ∧
+    (i − j < window), by index. Rows of padding only qualify."""
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+    real = idx < jnp.sum(segment_ids != 0, axis=1, keepdims=True)
+    ok = ((segment_ids != 0) == real) & ((segment_ids == segment_ids[:, :1]) | ~real)
+    if windowed:
+        ok = ok & ((positions - idx == positions[:, :1]) | ~real)
+    return jnp.all(ok)
+
+
 SPLASH_BLOCK = 128  # the splash kernel's default query/key block: sequence lengths must be multiples of it
+SPLASH_INTERPRET = False  # True: the splash kernel runs in Pallas interpret mode (any backend: tests on CPU)
 
 
 def _splash_attention(q, k, v, segment_ids, cfg: ModelConfig, sliding) -> jax.Array:
-    """Pallas splash attention on TPU (``attention_impl='splash'``): causal, segment-aware, per-layer window.
+    """Pallas splash attention on TPU (``attention_impl='splash'``): causal, segment-aware, per-layer window (by
+    index: positions must count up by one within a segment). With :data:`SPLASH_INTERPRET` it runs anywhere.
 
     Mosaic kernels are not auto-partitioned, so under a mesh (``jax.set_mesh``) the kernel runs per shard in a
     ``shard_map``: batch over ``(data, fsdp)``, heads over ``tensor`` when they divide.
@@ -224,7 +266,8 @@ def _splash_attention(q, k, v, segment_ids, cfg: ModelConfig, sliding) -> jax.Ar
             base = sm.LocalMask((L, L), window_size=(cfg.sliding_window - 1, 0), offset=0)
         else:
             base = sm.CausalMask((L, L))
-        attn = sk.make_splash_mha(sm.MultiHeadMask([base] * heads), head_shards=1, q_seq_shards=1)
+        attn = sk.make_splash_mha(sm.MultiHeadMask([base] * heads), head_shards=1, q_seq_shards=1,
+                                  interpret=SPLASH_INTERPRET)
         return jax.vmap(attn)(qh, kh, vh, segment_ids=sk.SegmentIds(q=seg, kv=seg))
 
     mesh = jax.sharding.get_abstract_mesh()

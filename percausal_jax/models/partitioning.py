@@ -90,8 +90,17 @@ def param_sharding(path: Sequence, shape: Sequence[int], mesh: Mesh, scanned: bo
     return NamedSharding(mesh, spec_for(logical_axes(path, len(shape), scanned), shape, mesh, rules))
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """Mesh over ``(data, fsdp, tensor)``; one size may be -1 (fills the remaining devices). Auto axis types."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None,
+              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+    """Mesh over ``(data, fsdp, tensor)``; one size may be -1 (fills the remaining devices). Auto axis types.
+
+    ``dcn``: how many ranks of each axis lie across process groups (the data-center network between hosts, as
+    MaxText's ``dcn_*_parallelism``); the rest within one group. All 1: JAX's own device order (``jax.make_mesh``, topology-aware).
+    Else the devices are split into ``prod(dcn)`` groups — by process, or, in a single process, into that many
+    consecutive groups standing in for processes (same mesh, same roles, for comparisons) — each group laid out as
+    the within-group mesh ``sizes / dcn`` and the groups tiled over ``dcn``: e.g. ``tensor=2`` with
+    ``dcn=(1, 1, 2)`` puts the two tensor ranks of every group on two processes.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -104,4 +113,34 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     if sizes[0] * sizes[1] * sizes[2] != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {sizes[0]*sizes[1]*sizes[2]} devices, "
                          f"have {len(devices)}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if tuple(dcn) == (1, 1, 1):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(_tiled_devices(devices, sizes, list(dcn)), MESH_AXES, axis_types=auto)
+
+
+def _tiled_devices(devices: Sequence, sizes: list[int], across: list[int]):
+    import numpy as np
+    from jax.experimental import mesh_utils
+
+    bad = [f"{name}={n} across {a}" for name, n, a in zip(MESH_AXES, sizes, across) if a < 1 or n % a]
+    if bad:
+        raise ValueError(f"each axis must be a multiple of its ranks across processes (mesh.dcn_*): "
+                         f"{', '.join(bad)}")
+    groups_n = int(np.prod(across))
+    by_process: dict[int, list] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    groups = [by_process[p] for p in sorted(by_process)]
+    if len(groups) == 1:  # one process: consecutive groups stand in for processes
+        size = len(devices) // groups_n
+        groups = [devices[i * size:(i + 1) * size] for i in range(groups_n)]
+    if len(groups) != groups_n or len({len(g) for g in groups}) != 1:
+        raise ValueError(f"mesh dcn={tuple(across)} needs {groups_n} equal process groups, have "
+                         f"{len(groups)} of {sorted({len(g) for g in groups})} devices")
+    within = [n // a for n, a in zip(sizes, across)]
+    tiles = np.empty(groups_n, dtype=object)
+    for i, g in enumerate(groups):
+        tiles[i] = mesh_utils.create_device_mesh(within, g, allow_split_physical_axes=True)
+    tiles = tiles.reshape(across)
+    return np.block(tiles.tolist())

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import PairedBatch
 from percausal_jax.data.pipeline import Buckets, Packing
+from percausal_jax.data.rows import BATCH_AXES, row_layout
 from percausal_jax.errors import UserError
 from percausal_jax.models.config import ModelConfig
 from percausal_jax.models.partitioning import MESH_AXES
@@ -48,6 +49,7 @@ class Plan:
     mfu: float
     peak_flops: float
     compile_seconds: float = 0.0  # wall time of lower + compile on this machine
+    rows: str = ""  # how the global batch's rows reach the slice's processes (rows.RowLayout.describe)
 
     @property
     def peak_bytes(self) -> int:
@@ -66,6 +68,7 @@ class Plan:
         lines = [
             f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}",
             f"batch shapes {self.batch_shapes}",
+            f"data layout: {self.rows}",
             f"per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"outputs {gib(self.output_bytes)}, aliased (donated) {gib(self.alias_bytes)}",
             f"per chip peak {gib(self.peak_bytes)} of {gib(self.hbm_bytes)} HBM: "
@@ -115,7 +118,7 @@ def plan(rc: RunConfig, model_config: ModelConfig, topology: str, *, mfu: float 
         fcfg = run.featurize_config
         Lp, Lc, R = Packing.derive(fcfg, Buckets.multiples(fcfg, multiple), rc.data.pack_personal_len,
                                    rc.data.pack_counterfactual_len, rc.data.pack_response_len).capacity
-    batch = PairedBatch.spec(B, Lp, Lc, R, sharding=NamedSharding(run.mesh, PartitionSpec(("data", "fsdp"))))
+    batch = PairedBatch.spec(B, Lp, Lc, R, sharding=NamedSharding(run.mesh, PartitionSpec(BATCH_AXES)))
     ref = run.params if rc.objective.requirements.reference else None
     step_fn, state = run.train_step(), run.abstract_state()  # outside the TPU mesh: optax probes eagerly on CPU
     t0 = time.perf_counter()
@@ -129,4 +132,4 @@ def plan(rc: RunConfig, model_config: ModelConfig, topology: str, *, mfu: float 
                 "counterfactual": Lc, "response": R, "batch": B}, mem.argument_size_in_bytes,
                 mem.temp_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, hbm,
                 float(cost.get("flops", 0.0)), run.step_flops(B, Lp, Lc, R) / len(devices), mfu, peak,
-                seconds)
+                seconds, row_layout(run.mesh, B, process=0).describe())

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from percausal_jax import storage
 from percausal_jax.errors import StorageError, UserError
+from percausal_jax.training import processes
 
 ITEMS = ("state", "iter", "meta")
 # Keys of the meta item that must match between the checkpoint and the run restoring it.
@@ -105,31 +106,75 @@ def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict, fo
 
 def restore(mngr: ocp.CheckpointManager, state, iterator, meta: dict, step: int | None = None):
     """Restores the newest readable step (or ``step``) into the shapes/shardings of ``state`` and into
-    ``iterator``; returns ``(state, step)`` or ``(None, None)`` when there is no checkpoint."""
-    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    ``iterator``; returns ``(state, step)`` or ``(None, None)`` when there is no checkpoint.
+
+    Decided once for all processes: the candidate steps are process 0's listing; before a step is restored, every
+    process checks its own files of it (:func:`missing_or_damaged`: items present, JSON metadata and this
+    process's data position readable), and the step is skipped by all — with the reason logged — when any process
+    found a problem. The restore itself is collective: in one process a missing, truncated or corrupt file found
+    while reading (:func:`unreadable`) still falls back; across processes (whose restore may be inside a collective
+    when one fails), and for any other error, the run stops."""
+    steps = processes.broadcast_ints(sorted(mngr.all_steps(), reverse=True) if step is None else [step])
     if not steps:
         return None, None
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    errors = []
+    skipped = []
     for s in steps:
+        problem = missing_or_damaged(mngr.directory / str(s), iterator is not None)
+        if not processes.all_ok(problem is None):
+            skipped.append(f"step {s}: {problem or 'another process found its files missing or damaged'}")
+            log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, skipped[-1])
+            continue
         try:
             saved_meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
-            errors.append(f"step {s}: {type(e).__name__}: {e}")
-            log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, e)
-            continue
-        check_layout(saved_meta, meta, mngr.directory / str(s))
-        args = {"state": ocp.args.StandardRestore(abstract)}
-        if iterator is not None:
-            args["iter"] = grain.checkpoint.CheckpointRestore(iterator)
+            check_layout(saved_meta, meta, mngr.directory / str(s))
+            args = {"state": ocp.args.StandardRestore(abstract)}
+            if iterator is not None:
+                args["iter"] = grain.checkpoint.CheckpointRestore(iterator)
+            return mngr.restore(s, args=ocp.args.Composite(**args)).state, s
+        except Exception as e:  # noqa: BLE001 - only damaged files of a one-process run fall back
+            why = unreadable(e) if jax.process_count() == 1 else None
+            if why is None:
+                raise
+            skipped.append(f"step {s}: {why}")
+            log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, why)
+    raise UserError(f"{mngr.directory}: no readable checkpoint ({'; '.join(skipped)[:500]})")
+
+
+def missing_or_damaged(step_dir, with_iterator: bool = True) -> str | None:
+    """What is missing or unreadable among this process's files of a saved step (None: nothing found): each
+    item's directory, the JSON metadata, and this process's data-iterator position."""
+    names = ["_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA", "state/_sharding"]
+    if with_iterator:
+        names.append(f"iter/process_{jax.process_index()}-of-{jax.process_count()}.json")
+    for name in names:
+        f = step_dir / name
         try:
-            restored = mngr.restore(s, args=ocp.args.Composite(**args))
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"step {s}: {type(e).__name__}: {e}")
-            log.warning("checkpoint step %s could not be restored (%s); trying an older one", s, e)
-            continue
-        return restored.state, s
-    raise UserError(f"{mngr.directory}: no readable checkpoint ({'; '.join(errors)[:500]})")
+            json.loads(f.read_text())
+        except FileNotFoundError:
+            return f"{f}: missing"
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{f}: not complete JSON ({e})"
+    return None
+
+
+_UNREADABLE_STATUS = re.compile(r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b|does not exist|was not found in the checkpoint|[Tt]runcated|[Cc]orrupt")
+
+
+def unreadable(e: BaseException) -> str | None:
+    """Why ``e`` means a checkpoint's files are missing, truncated or corrupt (None: it means something else, e.g.
+    a bug or a layout mismatch, which must not be papered over by an older step)."""
+    if isinstance(e, UserError):
+        return None
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError, EOFError)):
+            return f"{type(e).__name__}: {e}"[:300]
+        if m := _UNREADABLE_STATUS.search(str(e)):
+            return f"{type(e).__name__} ({m.group(0)}): {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_layout(saved: dict, current: dict, where) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -20,9 +21,10 @@ from percausal_jax.lock import WorkdirLock
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import empty_batch, shape_of
 from percausal_jax.data.pipeline import to_global
+from percausal_jax.data.rows import RowLayout, block_length
 from percausal_jax.errors import StorageError, UserError
 from percausal_jax.evaluation import token_nll
-from percausal_jax.training import checkpoints, setup
+from percausal_jax.training import checkpoints, processes, setup
 from percausal_jax.training.distributed import Preemption, common_shape
 
 
@@ -104,9 +106,9 @@ class MetricsWriter:
         self.mirror.close(upload)
 
 
-def device_batch(batch, mesh):
-    """Host batch → global arrays with the same shape on every process."""
-    return to_global(common_shape(batch), mesh)
+def device_batch(batch, run: setup.Run, rows: RowLayout):
+    """This process's rows (its row blocks) → the global batch, with the same shape on every process."""
+    return to_global(common_shape(batch), run.mesh, rows)
 
 
 def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
@@ -114,21 +116,21 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
     and ``eval_nll`` (Σ gold-token NLL / Σ tokens). When eval records carry ``personal_spans``, also the NLL of
     their personal and generic tokens (:mod:`~percausal_jax.evaluation.token_nll`): ``eval_nll_personal``,
     ``eval_nll_generic`` (Σ nll / Σ tokens of the class over the pass) and ``eval_tokens_personal``,
-    ``eval_tokens_generic``. Every process runs the same number of batches (a process whose shard ran out feeds
-    all-padding batches)."""
+    ``eval_tokens_generic``. Every process runs the same number of batches: as many as the longest row block
+    (block 0) needs; a block that ran out feeds all-padding rows."""
     t = run.config.train
-    rows = t.global_batch_size // jax.process_count()
+    rows = run.row_layout()
     records = run.eval_records
-    shard = -(-len(records) // jax.process_count())
-    n_batches = min(t.eval_batches, -(-shard // rows))
+    n_batches = min(t.eval_batches, -(-block_length(len(records), rows.block_rows, 0, rows.num_blocks)
+                                      // rows.block_rows))
     it = run.data_iterator(records, num_epochs=1, shuffle=False)
     total_ls = total_n = None
     tokens = nll = 0.0
     by_class = None
     for _ in range(n_batches):
-        batch = next(it, None) or empty_batch(rows)
+        batch = next(it, None) or empty_batch(rows.local_rows)
         with jax.set_mesh(run.mesh):
-            res = eval_step(params, run.frozen, ref_params, device_batch(batch, run.mesh))
+            res = eval_step(params, run.frozen, ref_params, device_batch(batch, run, rows))
         ls, n = np.asarray(res.loss_sum, np.float64), np.asarray(res.normalizer, np.float64)
         total_ls = ls if total_ls is None else total_ls + ls
         total_n = n if total_n is None else total_n + n
@@ -142,48 +144,70 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
             "eval_tokens": tokens, **token_nll.class_means(by_class, prefix="eval_")}
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir):
-    """Holds ``WORKDIR/.lock`` (:mod:`percausal_jax.lock`) for the block: taken by process 0 before anything is
-    written, the outcome shared with every process (all exit 2 when the workdir is in use). Yields the lock on
-    process 0, None elsewhere."""
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
-    error = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except UserError as e:
-            error = e
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+class SharedLock:
+    """``WORKDIR/.lock`` (:mod:`percausal_jax.lock`), held by process 0 for the whole job; every outcome (taken,
+    in use, lost to another run) is shared, so that every process stops together rather than wait in a collective
+    for one that stopped."""
 
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
-            error = UserError(f"{workdir}: process 0 could not take the workdir lock (its error says why)")
-    if error is not None:
-        raise error
-    try:
-        yield lock
-    finally:
-        if lock is not None:
-            lock.release()
+    def __init__(self, workdir, **lock_options):
+        self.workdir = workdir
+        self.lock = WorkdirLock(workdir, **lock_options) if jax.process_index() == 0 else None
+
+    def __enter__(self) -> SharedLock:
+        error = None
+        if self.lock is not None:
+            try:
+                self.lock.acquire()
+            except UserError as e:
+                error = e
+        if not processes.all_ok(error is None):
+            if self.lock is not None and error is None:
+                self.lock.release()
+            raise error or UserError(f"{self.workdir}: process 0 could not take the workdir lock (its error says "
+                                     "why)")
+        return self
+
+    def check(self) -> None:
+        """Every process raises when the lock was taken over by another run (its lease expired)."""
+        lost = self.lock is not None and bool(self.lock.lost)
+        if not processes.all_ok(not lost):
+            if self.lock is not None:
+                self.lock.check()
+            raise UserError(f"{self.workdir}: the workdir lock was taken over by another run (process 0 says by "
+                            "whom); stopping so that only one run writes it")
+
+    def abandon(self) -> None:
+        if self.lock is not None:
+            self.lock.abandon()
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
     """Runs (or resumes) a training run, holding the workdir's lock; returns the last logged metrics."""
     if not rc.data.train:
         raise UserError("data.train is not set (--config.data.train=FILE)")
-    with workdir_lock(workdir) as lock:
+    with SharedLock(workdir) as lock:
         return _train(rc, storage.path(workdir), progress, lock)
 
 
-def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> dict:
+def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock) -> dict:
     d, t = rc.data, rc.train
+    processes.check_agree({"the config": rc.source})  # before any process acts on its own copy
     checkpoints.check_resumable(workdir, setup.layout(rc, setup.preflight(rc)))  # before data and weights
     train_records = setup.open_records(d, d.train, "data.train")  # bad data fails before the model loads
     eval_records = setup.open_records(d, d.eval, "data.eval") if d.eval else None
     contriever = setup.retriever(d, train_records, eval_records)
     run = setup.build(rc)
     run.eval_records, run.contriever = eval_records, contriever
+    rows = run.row_layout()
+    processes.check_agree({"data.train": processes.data_fingerprint(train_records),
+                           "data.eval": processes.data_fingerprint(eval_records or []),
+                           "the mesh": processes.mesh_fingerprint(run.mesh)})
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(f"rows: {rows.describe()}", file=sys.stderr)
     state = run.init_state()
     ref_params = run.reference_params()
     iterator = run.data_iterator(train_records)
@@ -213,7 +237,7 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
             batch = common_shape(next(iterator))
             t0, cpu0 = time.perf_counter(), time.process_time()
             with jax.set_mesh(run.mesh):
-                state, m = step_fn(state, run.frozen, ref_params, to_global(batch, run.mesh))
+                state, m = step_fn(state, run.frozen, ref_params, to_global(batch, run.mesh, rows))
             m = jax.device_get(m)
             dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             if not bool(m.pop("finite")) and t.nan_policy == "fail":
@@ -229,12 +253,13 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
             if eval_step is not None and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
                 rec.update(evaluate(run, state.params, ref_params, eval_step))
             if (step + 1) % t.log_every == 0 or done:
+                processes.check_same_rows(step + 1, batch, rows)
+                processes.check_same_loss(step + 1, rec["loss"])
                 with checkpoints.storage_errors(f"writing the metrics of step {step + 1}", workdir):
                     writer.write(rec)
             stop = preemption.should_stop(step + 1)
             if (step + 1) % rc.checkpoint.every_steps == 0 or done or stop:
-                if lock is not None:
-                    lock.check()  # a run whose workdir was taken over (its lease expired) writes no more
+                lock.check()  # a run whose workdir was taken over (its lease expired) writes no more
                 # an async save's failure surfaces at the next save (or at the final wait below)
                 with checkpoints.storage_errors(f"saving checkpoints (at step {step + 1})", workdir):
                     checkpoints.save(mngr, step + 1, state, iterator, meta, force=done or stop)
@@ -246,17 +271,7 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
                 print(f"preempted: checkpoint saved at step {step + 1}; re-run the same command to resume",
                       file=sys.stderr)
                 break
-        dropped = iterator.featurize_stats.dropped
-        if sum(dropped.values()) and jax.process_index() == 0:
-            print(f"data.train: dropped while featurizing (this process): "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v)
-                  + " (raise data.max_prompt_len / data.max_response_len, or set data.truncate_response)",
-                  file=sys.stderr)
-        truncated = iterator.featurize_stats.truncated_response
-        if truncated and jax.process_index() == 0:
-            print(f"data.train: truncated while featurizing (this process): {truncated} responses over "
-                  f"data.max_response_len={d.max_response_len} tokens, kept without their end token "
-                  "(raise data.max_response_len, or data.truncate_response=false to drop them)", file=sys.stderr)
+        report_drops(iterator, rows, d.max_response_len)
     except StorageError:
         storage_failed = True
         raise
@@ -272,9 +287,33 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: WorkdirLock | None) -> 
             preemption.restore()
             writer.close(upload=not storage_failed)  # nothing more is sent to a storage known to be failing
             bar.close()
-            if storage_failed and lock is not None:
+            if storage_failed:
+                # the failed save's write tasks end later and log the same failure again ("Task exception was
+                # never retrieved"); it is reported once, in the error line
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 lock.abandon()  # left for the next run to take over (this pid will be gone)
     return last
+
+
+def report_drops(iterator, rows: RowLayout, max_response_len: int) -> None:
+    """Process 0 prints the run's drops and truncations so far, over every row block once (each block counted
+    by its first reader, summed over processes)."""
+    from percausal_jax.data.featurize import DROP_REASONS
+
+    stats = iterator.stats(rows.owned)
+    counts = processes.sum_counts([stats.dropped.get(k, 0) for k in DROP_REASONS] + [stats.truncated_response])
+    dropped, truncated = dict(zip(DROP_REASONS, counts[:-1])), counts[-1]
+    if jax.process_index() != 0:
+        return
+    if sum(dropped.values()):
+        print("data.train: dropped while featurizing: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())
+                                                                     if v)
+              + " (raise data.max_prompt_len / data.max_response_len, or set data.truncate_response)",
+              file=sys.stderr)
+    if truncated:
+        print(f"data.train: truncated while featurizing: {truncated} responses over "
+              f"data.max_response_len={max_response_len} tokens, kept without their end token "
+              "(raise data.max_response_len, or data.truncate_response=false to drop them)", file=sys.stderr)
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -11,14 +11,12 @@ shardings, the jitted steps and the FLOP model. ``build(rc, abstract=True, devic
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -27,6 +25,7 @@ from percausal_jax.config import DataSpec, RunConfig
 from percausal_jax.data.featurize import FeaturizeConfig
 from percausal_jax.data.pipeline import make_iterator, open_source
 from percausal_jax.data.records import SkipReport, detect_kind
+from percausal_jax.data.rows import ProcessRows, RowLayout, row_layout
 from percausal_jax.data.retrieval import Contriever
 from percausal_jax.errors import UserError
 from percausal_jax.hf.checkpoint import load_pretrained, read_config, resolve_model_dir, to_dtype
@@ -124,17 +123,24 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------------ data
 
-    def data_iterator(self, records, *, num_epochs=None, shuffle: bool | None = None):
-        d, t = self.config.data, self.config.train
-        return make_iterator(records, self.tokenizer, self.featurize_config,
-                             per_process_batch_size=t.global_batch_size // jax.process_count(),
-                             seed=self.config.seed, process_index=jax.process_index(),
-                             process_count=jax.process_count(), num_epochs=num_epochs,
-                             shuffle=d.shuffle if shuffle is None else shuffle, packing=d.packing,
-                             bucket_multiple=d.bucket_multiple, pack_personal_len=d.pack_personal_len,
-                             pack_counterfactual_len=d.pack_counterfactual_len,
-                             pack_response_len=d.pack_response_len, pack_lookahead=d.pack_lookahead,
-                             contriever=self.contriever)
+    def row_layout(self) -> RowLayout:
+        """The row blocks of every global batch this process reads (:mod:`~percausal_jax.data.rows`)."""
+        return row_layout(self.mesh, self.config.train.global_batch_size)
+
+    def data_iterator(self, records, *, num_epochs=None, shuffle: bool | None = None) -> ProcessRows:
+        """This process's rows of every global batch: one pipeline per row block its devices hold."""
+        d, rows = self.config.data, self.row_layout()
+
+        def block(j: int):
+            return make_iterator(records, self.tokenizer, self.featurize_config, batch_size=rows.block_rows,
+                                 seed=self.config.seed, block=j, num_blocks=rows.num_blocks, num_epochs=num_epochs,
+                                 shuffle=d.shuffle if shuffle is None else shuffle, packing=d.packing,
+                                 bucket_multiple=d.bucket_multiple, pack_personal_len=d.pack_personal_len,
+                                 pack_counterfactual_len=d.pack_counterfactual_len,
+                                 pack_response_len=d.pack_response_len, pack_lookahead=d.pack_lookahead,
+                                 contriever=self.contriever)
+
+        return ProcessRows({j: block(j) for j in rows.blocks}, rows.block_rows)
 
 
 def layout(rc: RunConfig, model_config: ModelConfig) -> dict:
@@ -200,26 +206,17 @@ def _load_reference(run: Run, name: str):
 
 
 def _mesh(rc: RunConfig, for_export: bool, devices: Sequence | None) -> Mesh:
-    shape = (1, -1, 1) if for_export else rc.mesh.shape
-    if devices is None:
-        try:
-            return make_mesh(*shape)
-        except ValueError as e:
-            raise UserError(f"mesh: {e}") from None
-    sizes = list(shape)
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
-        raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} does not use the {len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    """The run's mesh over ``devices`` (default: all of this job's), as a real run lays it out: JAX's own device
+    order, or the ``mesh.dcn_*`` tiling of process groups."""
+    shape, dcn = ((1, -1, 1), (1, 1, 1)) if for_export else (rc.mesh.shape, rc.mesh.dcn)
+    try:
+        return make_mesh(*shape, devices=devices, dcn=dcn)
+    except ValueError as e:
+        raise UserError(f"mesh: {e}") from None
 
 
 def _check_batch(rc: RunConfig, mesh: Mesh) -> None:
     t = rc.train
-    if t.global_batch_size % jax.process_count():
-        raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of the process count "
-                        f"{jax.process_count()}")
     rows_per_micro = t.global_batch_size // t.grad_accum_steps
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows_per_micro % batch_devices:

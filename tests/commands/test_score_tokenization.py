@@ -104,7 +104,7 @@ def model(request, tmp_path_factory):
 
 def _training_ids(data, tokenizer, template: str, n: int, enable_thinking: bool = False) -> list[dict]:
     fcfg = FeaturizeConfig(template=template, enable_thinking=enable_thinking, **FCFG)
-    it = make_iterator(str(data), tokenizer, fcfg, per_process_batch_size=1, seed=0, shuffle=False,
+    it = make_iterator(str(data), tokenizer, fcfg, batch_size=1, seed=0, shuffle=False,
                        bucket_multiple=16)
     out = []
     for batch in itertools.islice(it, n):

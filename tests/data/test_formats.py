@@ -226,11 +226,11 @@ def test_pipeline_reads_gcs_files_and_reports_skips(gcs, tmp_path):
         open_source(url, strict=True)
     cfg = FeaturizeConfig(retriever="recency", k=1, max_prompt_len=64, max_response_len=16)
     report = SkipReport()
-    it = make_iterator(url, make_tokenizer(), cfg, per_process_batch_size=4, seed=0, num_epochs=1, shuffle=False,
+    it = make_iterator(url, make_tokenizer(), cfg, batch_size=4, seed=0, num_epochs=1, shuffle=False,
                        bucket_multiple=16, report=report)
     assert sum(1 for _ in it) == 1 and it.featurize_stats.kept == 3 and report.counts == {"empty_output": 1}
     with pytest.raises(UserError, match="strict"):
-        make_iterator(url, make_tokenizer(), cfg, per_process_batch_size=4, seed=0, strict=True)
+        make_iterator(url, make_tokenizer(), cfg, batch_size=4, seed=0, strict=True)
 
 
 def test_iter_rows_numbers_rows_of_json_arrays(tmp_path):

@@ -15,6 +15,7 @@ from percausal_jax.config import RunConfig, load_config
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, Kept
 from percausal_jax.data.pairing import PairedExample, shape_of
 from percausal_jax.data.pipeline import Buckets, Packing, PairedBatchIterator, check_packing
+from percausal_jax.data.rows import RowLayout
 from percausal_jax.errors import UserError
 from tests.data.test_pipeline import RECORDS, assert_same_batches, expected_examples, iterator, take, unpack
 
@@ -157,8 +158,9 @@ def test_the_run_passes_the_packing_keys_to_the_pipeline(monkeypatch):
     rc = RunConfig.from_config(cfg)
     got = {}
     monkeypatch.setattr(setup, "make_iterator", lambda *a, **kw: got.update(kw))
+    monkeypatch.setattr(setup, "ProcessRows", lambda blocks, rows: blocks)
     run = types.SimpleNamespace(config=rc, tokenizer=None, featurize_config=rc.data.featurize(rc.seed),
-                                contriever=None)
+                                contriever=None, row_layout=lambda: RowLayout(4, 1, 0, (0,), ((0,),), ()))
     setup.Run.data_iterator(run, RECORDS)
     assert {k: got[k] for k in ("packing", "pack_personal_len", "pack_counterfactual_len", "pack_response_len",
                                 "pack_lookahead")} == {"packing": True, "pack_personal_len": 288,

@@ -37,7 +37,7 @@ RECORDS = tweets(40)
 
 
 def iterator(**kwargs):
-    args = dict(per_process_batch_size=4, seed=0, num_epochs=1, bucket_multiple=16)
+    args = dict(batch_size=4, seed=0, num_epochs=1, bucket_multiple=16)
     return make_iterator(kwargs.pop("source", RECORDS), make_tokenizer(), kwargs.pop("fcfg", CFG), **{**args, **kwargs})
 
 
@@ -192,25 +192,25 @@ def test_state_round_trips_through_orbax(tmp_path):
     assert_same_batches(take(fresh, 4), expected)
 
 
-def test_process_shards_are_disjoint_and_complete():
-    shards = [{ex[2] for b in iterator(process_index=i, process_count=2) for ex in unpack(b)} for i in range(2)]
+def test_block_streams_are_disjoint_and_complete():
+    shards = [{ex[2] for b in iterator(block=i, num_blocks=2) for ex in unpack(b)} for i in range(2)]
     assert shards[0] and shards[1] and not shards[0] & shards[1]
     assert shards[0] | shards[1] == {ex[2] for ex in expected_examples(RECORDS)}
 
 
-def test_two_processes_build_the_one_process_global_batch_row_for_row():
-    """Process i reads the i-th block of each global batch, so the global batch (processes' rows concatenated in
-    process order) holds the one-process batch's rows in the same places: each device gets the same rows."""
+def test_two_blocks_hold_the_one_block_global_batch_row_for_row():
+    """Block i reads the i-th run of rows of each global batch, so the global batch (blocks' rows concatenated in
+    block order) holds the one-block batch's rows in the same places (nothing dropped, bucketing)."""
     fcfg = FeaturizeConfig(retriever="recency", k=2, max_prompt_len=512, max_response_len=64)  # nothing dropped
-    one = take(iterator(num_epochs=None, per_process_batch_size=4, fcfg=fcfg), 5)
-    parts = [take(iterator(num_epochs=None, per_process_batch_size=2, process_index=i, process_count=2, fcfg=fcfg), 5)
+    one = take(iterator(num_epochs=None, batch_size=4, fcfg=fcfg), 5)
+    parts = [take(iterator(num_epochs=None, batch_size=2, block=i, num_blocks=2, fcfg=fcfg), 5)
              for i in range(2)]
     for step, batch in enumerate(one):
         assert unpack(batch) == unpack(parts[0][step]) + unpack(parts[1][step])
 
 
 def test_block_shards_of_a_finite_stream_are_disjoint_complete_and_in_order():
-    from percausal_jax.data.process_shard import BlockShard
+    from percausal_jax.data.rows import BlockShard
 
     ds = grain.MapDataset.source(list(range(11)))
     shards = [list(BlockShard(ds, 2, i, 3)) for i in range(3)]
@@ -245,10 +245,10 @@ def test_bad_sources_and_settings_are_user_errors(tmp_path):
         iterator(fcfg=FeaturizeConfig())
     with pytest.raises(UserError, match=r"response bucket boundaries \(16,\): the largest must be >= 32"):
         iterator(buckets=Buckets((160,), (160,), (16,)))
-    with pytest.raises(UserError, match="per_process_batch_size 0"):
-        iterator(per_process_batch_size=0)
-    with pytest.raises(UserError, match="process_index 2 / process_count 2"):
-        iterator(process_index=2, process_count=2)
+    with pytest.raises(UserError, match="batch_size 0"):
+        iterator(batch_size=0)
+    with pytest.raises(UserError, match="row block 2 of 2"):
+        iterator(block=2, num_blocks=2)
 
 
 def test_to_global_shards_rows_over_data_and_fsdp():
@@ -263,8 +263,8 @@ def test_to_global_shards_rows_over_data_and_fsdp():
     assert tokens.sharding.spec == PartitionSpec(("data", "fsdp"))
     assert sorted({s.index[0].start for s in tokens.addressable_shards}) == [0, 1, 2, 3]  # replicated on "tensor"
     assert np.array_equal(np.asarray(arrays.response.weight), batch.response.weight)
-    with pytest.raises(ValueError, match=r"batch axes \['model'\] are not mesh axes"):
-        to_global(batch, mesh, ("model",))
+    with pytest.raises(ValueError, match=r"batch axes \['fsdp'\] are not mesh axes"):
+        to_global(batch, Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model")))
 
 
 @pytest.mark.slow  # starts a worker process (a few seconds)

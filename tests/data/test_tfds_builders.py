@@ -33,7 +33,7 @@ def test_longlamp_round_trips_canonical_records_and_feeds_the_pipeline(tmp_path)
     assert {r["task"] for r in val} == {"product_review"} and val[0]["user_id"] == "Aval0"
 
     cfg = FeaturizeConfig(retriever="recency", k=2, max_prompt_len=512, max_response_len=64)
-    it = make_iterator(builder.as_data_source()["train"], make_tokenizer(), cfg, per_process_batch_size=4, seed=0,
+    it = make_iterator(builder.as_data_source()["train"], make_tokenizer(), cfg, batch_size=4, seed=0,
                        num_epochs=1)
     (batch,) = list(it)
     assert batch.response.seq_weight.sum() == pytest.approx(3.0)  # three sequences, one per record

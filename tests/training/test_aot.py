@@ -34,6 +34,8 @@ def test_tiny_config_compiles_for_a_small_tpu_topology(setup):
     assert p.chips == 4 and p.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
     assert p.fits and 0 < p.peak_bytes < p.hbm_bytes and p.flops_per_chip > 0
     assert "FITS" in p.report()
+    assert ("data layout: 4 distinct row blocks of 1 rows; 1 process(es) read each; 1 processes; non-batch axes "
+            "spanning processes: none") in p.report()
     assert p.compile_seconds > 0 and f"compiled in {p.compile_seconds:.1f} s" in p.report()
 
 
@@ -50,6 +52,25 @@ def test_packed_plan_compiles_the_row_capacities(setup):
     multiple = rc.data.bucket_multiple
     assert p.batch_shapes == {"personal": 256, "counterfactual": -(-need // multiple) * multiple, "response": 64,
                               "batch": rc.train.global_batch_size}
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (pip install ".[tpu]" enables AOT for TPUs)')
+def test_row_layout_of_a_two_host_slice():
+    """v5p:2x2x2 is 8 chips on 2 hosts (4 each). Worked by hand: with the tensor axis across the hosts
+    (dcn_tensor=2), each host holds one tensor rank of every fsdp block: 4 blocks, both hosts read all 4; with fsdp
+    across the hosts (dcn_fsdp=2) and tensor=4 within one, each host reads its own block."""
+    from percausal_jax.data.rows import row_layout
+    from percausal_jax.models.partitioning import make_mesh
+
+    _, devices = aot.tpu_devices("v5p:2x2x2")
+    assert sorted({d.process_index for d in devices}) == [0, 1]
+    across = row_layout(make_mesh(1, 4, 2, devices=devices, dcn=(1, 1, 2)), 8, process=1)
+    assert (across.num_blocks, across.blocks, across.readers, across.spanning) == (
+        4, (0, 1, 2, 3), ((0, 1),) * 4, ("tensor",))
+    assert across.describe() == ("4 distinct row blocks of 2 rows; 2 process(es) read each; 2 processes; "
+                                 "non-batch axes spanning processes: tensor")
+    within = row_layout(make_mesh(1, 2, 4, devices=devices, dcn=(1, 2, 1)), 8, process=1)
+    assert (within.num_blocks, within.blocks, within.readers, within.spanning) == (2, (1,), ((0,), (1,)), ())
 
 
 HIDE_LIBTPU = """
