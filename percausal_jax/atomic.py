@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import pathlib
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ def atomic_dir(out: PathLike, markers: tuple[str, ...] = MARKERS) -> Iterator[pa
         try:
             yield tmp
             _publish_remote(tmp, target, markers)
+        except BaseException as e:
+            _reraise(e, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -52,9 +55,29 @@ def atomic_dir(out: PathLike, markers: tuple[str, ...] = MARKERS) -> Iterator[pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _reraise(e, tmp)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _reraise(e: BaseException, where) -> None:
+    converted = as_os_error(e, where)
+    if converted is e:
+        raise e
+    raise converted from e
+
+
+def as_os_error(e: BaseException, where) -> BaseException:
+    """``e``, or the :class:`OSError` it reports in words only: writers in Rust (safetensors' ``SafetensorError``)
+    say "I/O error: No space left on device (os error 28)" instead of raising one."""
+    m = None if isinstance(e, OSError) else _OS_ERROR.search(str(e))
+    if m is None:
+        return e
+    errno_ = int(m.group(1))
+    return OSError(errno_, os.strerror(errno_), str(where))
 
 
 def _local_files(root: pathlib.Path) -> list[str]:

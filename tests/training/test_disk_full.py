@@ -1,13 +1,18 @@
-"""A disk that fills up during ``prepare``, a checkpoint and ``export``: a child process under ``ulimit -f`` (the
-kernel refuses writes past the limit with EFBIG, as a full disk refuses them with ENOSPC). Each command exits 3
-with one line, and leaves no half-written file that a later command would read: prepare's output does not exist,
-no checkpoint step is committed, the export directory does not exist. Re-run without the limit, each succeeds."""
+"""A disk that fills up during ``prepare``, a checkpoint and ``export``. Where this process may mount (root, as in
+CI's container), the output lives on a small tmpfs: a real "No space left on device" (ENOSPC) from the kernel,
+whatever the file sizes. Elsewhere a child process under ``ulimit -f`` stands in (EFBIG, "File too large", and
+files under the limit still get written); the tests' ids say which ran (``tmpfs-ENOSPC`` / ``rlimit-EFBIG``). Each
+command exits 3 with one line (train: after tracebacks of Orbax's background threads), and leaves no half-written file that a later command would read:
+prepare's output does not exist, no checkpoint step is committed, the export directory does not exist. With room
+again (the tmpfs remounted larger, or no limit), the same command succeeds."""
 
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,25 +22,76 @@ from percausal_jax.data.synthetic import generate
 from tests.training.common import train_args
 
 REPO = Path(__file__).resolve().parents[2]
-LIMIT = 24 << 10  # bytes per file: above the metrics / lock / JSON files, below the outputs and checkpoint arrays
+LIMIT = 24 << 10  # ulimit -f: bytes per file, above the metrics / lock / JSON files, below outputs and arrays
 
 
-def _run(argv, limit: int | None):
-    def cap():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+def _can_mount() -> bool:
+    probe = Path("/tmp") / f"percausal-mount-probe-{uuid.uuid4().hex[:8]}"
+    probe.mkdir()
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+                            capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["umount", str(probe)], check=True)
+        return ok
+    except OSError:
+        return False
+    finally:
+        probe.rmdir()
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "percausal_jax", *map(str, argv)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600, preexec_fn=cap if limit else None)
+
+MODE = "tmpfs-ENOSPC" if _can_mount() else "rlimit-EFBIG"
+FULL = {"tmpfs-ENOSPC": "No space left on device", "rlimit-EFBIG": "File too large"}[MODE]
+
+
+class Disk:
+    """``path`` on a disk of ``size`` bytes (a tmpfs), or, where mounting is refused, a ``ulimit -f`` for the
+    commands run through :meth:`run`; :meth:`make_room` lifts either."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.limited = path, True
+        path.mkdir(parents=True, exist_ok=True)
+        if MODE == "tmpfs-ENOSPC":
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+    def run(self, argv):
+        limit = LIMIT if self.limited and MODE == "rlimit-EFBIG" else None
+
+        def cap():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+        return subprocess.run([sys.executable, "-m", "percausal_jax", *map(str, argv)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600, preexec_fn=cap if limit else None)
+
+    def make_room(self):
+        self.limited = False
+        if MODE == "tmpfs-ENOSPC":
+            subprocess.run(["mount", "-o", "remount,size=256m", str(self.path)], check=True)
+
+    def close(self):
+        if MODE == "tmpfs-ENOSPC":
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: int):
+    disk = Disk(path, size)
+    try:
+        yield disk
+    finally:
+        disk.close()
 
 
 def _failed_cleanly(proc, command: str, quiet: bool = True) -> str:
-    """Exit 3 and one error line, the last. ``quiet=False``: tensorstore's write callbacks, still queued when the
-    failed save's event loop closes, print tracebacks of their own ("Event loop is closed") before that line."""
+    """Exit 3 and one error line, the last, naming the operating system's words for it; no traceback. ``quiet=False``
+    (train): Orbax's background save threads and tensorstore's write callbacks, failing before the main thread learns
+    of it, log tracebacks of their own ("Event loop is closed", "_SignalingThread.run() raised") before that line."""
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert not quiet or "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith(f"percausal {command}: error:")]
     assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
+    assert FULL in errors[0], errors[0]
     return errors[0]
 
 
@@ -43,37 +99,42 @@ def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_prepare_on_a_full_disk_writes_nothing(tmp_path):
+@pytest.mark.parametrize("mode", [MODE])
+def test_prepare_on_a_full_disk_writes_nothing(tmp_path, mode):
     write_jsonl(tmp_path / "in.jsonl", generate(n_users=12, items_per_user=6, outputs_per_user=8, seed=0))
-    out = tmp_path / "out"
-    out.mkdir()
-    argv = ["prepare", "--source", "jsonl", "--input", tmp_path / "in.jsonl", "--out", out / "p.jsonl"]
-    line = _failed_cleanly(_run(argv, LIMIT), "prepare")
-    assert "File too large" in line and "nothing partial was published" in line
-    assert _files(out) == []  # no output, no temporary file
-    assert _run(argv, None).returncode == 0 and (out / "p.jsonl").stat().st_size > LIMIT
+    with small_disk(tmp_path / "out", 16 << 10) as disk:
+        out = disk.path
+        argv = ["prepare", "--source", "jsonl", "--input", tmp_path / "in.jsonl", "--out", out / "p.jsonl"]
+        line = _failed_cleanly(disk.run(argv), "prepare")
+        assert "nothing partial was published" in line
+        assert _files(out) == []  # no output, no temporary file
+        disk.make_room()
+        assert disk.run(argv).returncode == 0 and (out / "p.jsonl").stat().st_size > 16 << 10
 
 
 @pytest.mark.slow
-def test_checkpoint_and_export_on_a_full_disk(setup, tmp_path):
+@pytest.mark.parametrize("mode", [MODE])
+def test_checkpoint_and_export_on_a_full_disk(setup, tmp_path, mode):
     model_dir, data = setup
-    work = tmp_path / "run"
-    argv = train_args(model_dir, data, work, "ce", steps=4, extra=[
-        "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.checkpoint.every_steps=2"])
-    line = _failed_cleanly(_run(argv, LIMIT), "train", quiet=False)
-    assert "checkpoint" in line and "File too large" in line and str(work) in line, line
-    steps = [p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
-    assert steps == []  # nothing committed: a re-run starts from step 0, not from a partial step 2
+    with small_disk(tmp_path / "disk", 256 << 10) as disk, small_disk(tmp_path / "out", 256 << 10) as out:
+        work = disk.path / "run"
+        argv = train_args(model_dir, data, work, "ce", steps=4, extra=[
+            "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.checkpoint.every_steps=2"])
+        line = _failed_cleanly(disk.run(argv), "train", quiet=False)
+        assert "checkpoint" in line and str(work) in line, line
+        steps = [p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+        assert steps == []  # nothing committed: a re-run starts from step 0, not from a partial step 2
 
-    assert _run(argv, None).returncode == 0  # room again: the same command trains
-    assert [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+        disk.make_room()
+        assert disk.run(argv).returncode == 0  # room again: the same command trains
+        assert [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
-    hf = tmp_path / "hf"
-    line = _failed_cleanly(_run(["export", "--workdir", work, "--out", hf], LIMIT), "export")
-    assert not hf.exists()  # no export directory at all
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]  # nor its temporary one
-    assert _run(["export", "--workdir", work, "--out", hf], None).returncode == 0
-    assert (hf / "config.json").is_file()
+        hf = out.path / "hf"
+        _failed_cleanly(out.run(["export", "--workdir", work, "--out", hf]), "export")
+        assert _files(out.path) == []  # no export directory's files at all, nor a temporary one's
+        out.make_room()
+        assert out.run(["export", "--workdir", work, "--out", hf]).returncode == 0
+        assert (hf / "config.json").is_file()
 
 
 def test_a_storage_failure_names_the_os_error_first():
@@ -95,3 +156,14 @@ def test_a_storage_failure_names_the_os_error_first():
     with pytest.raises(StorageError, match=r"saving failed \(TimeoutError: no errno\)"):
         with storage_errors("saving", "/w"):
             raise TimeoutError("no errno")
+
+
+def test_a_rust_writer_s_os_error_in_words_becomes_an_os_error():
+    """safetensors (Rust) reports a full disk as ``SafetensorError: ... (os error 28)``: atomic writers turn it into
+    the OSError the CLI reports as a storage failure (exit 3); other errors pass unchanged."""
+    from percausal_jax.atomic import as_os_error
+
+    e = as_os_error(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), "/o")
+    assert isinstance(e, OSError) and e.errno == 28 and e.filename == "/o"
+    bug = KeyError("params")
+    assert as_os_error(bug, "/o") is bug
