@@ -7,9 +7,13 @@ rename) is :mod:`percausal_jax.atomic`'s job; this module is about reading and n
 
 Some readers need a real local file (safetensors memory-maps, transformers loads tokenizers from a directory, the
 ArrayRecord reader): :func:`local_dir` / :func:`local_file` copy a remote directory or file into
-``$PERCAUSAL_CACHE/remote/<protocol>/<bucket>/<path>`` once (files whose size matches are not fetched again) and
-return the local copy. :func:`resolve_hf_dir` adds Hugging Face hub ids (``org/name``), downloaded with
-``huggingface_hub`` (which honours ``HF_HUB_OFFLINE`` and its cache).
+``$PERCAUSAL_CACHE/remote/<protocol>/<bucket>/<path>`` and return the local copy. The copy is exact: each call
+lists the remote afresh, deletes local files the remote no longer has, and reuses a file only if it was fetched at
+the object version the listing names (GCS generation, else content hash / ETag, else size + mtime); see
+:func:`local_dir` for the order of the steps and what concurrent processes see. :func:`resolve_hf_dir` adds
+Hugging Face hub ids (``org/name``), downloaded with ``huggingface_hub`` (which honours ``HF_HUB_OFFLINE`` and its
+cache): a repo, revision or access the hub refuses is a :class:`UserError` (exit 2); a hub that cannot be reached
+(connection, timeout, server error) is a :class:`StorageError` (exit 3, "could not download ...").
 
 Emulators: ``STORAGE_EMULATOR_HOST`` (gcsfs / google-cloud-storage) is honoured as is; when it is set and
 ``TENSORSTORE_GCS_HTTP_URL`` (tensorstore, Orbax's array writer) is not, the latter is set to the same server, and
@@ -19,13 +23,15 @@ clients go anonymous.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
-import shutil
-from typing import Iterable, Union
+import threading
+import time
+from typing import Iterable, Iterator, Union
 
-from percausal_jax.errors import UserError
+from percausal_jax.errors import StorageError, UserError
 
 
 def _configure_emulators() -> None:
@@ -74,37 +80,144 @@ def _cache_path(url: str) -> pathlib.Path:
     return cache_root() / "remote" / protocol / rest.strip("/")
 
 
-def _version(src: epath.Path) -> str:
-    """What identifies this content of a remote object: its generation (GCS) or content hash / ETag, else size and
-    modification time. A rewrite of the same size changes it (the size alone would not)."""
+# Files a reader opens first (as atomic.MARKERS, which imports this module): a refresh removes a changed marker
+# before anything else and fetches it last, so a half-refreshed copy does not look loadable.
+_MARKERS = ("config.json", "adapter_config.json")
+_PART_MAX_AGE_S = 3600.0  # a temporary of another process's download not written to for this long is abandoned
+
+
+def _fs(url: str):
     import fsspec
 
-    fs, p = fsspec.core.url_to_fs(os.fspath(src))
-    info = fs.info(p)
+    return fsspec.core.url_to_fs(url)
+
+
+def _version_of(info: dict) -> str:
+    """What identifies this content of a remote object, from its listing / ``info`` entry: its generation (GCS)
+    or content hash / ETag, else size and modification time. A rewrite of the same size changes it."""
     for key in ("generation", "md5Hash", "crc32c", "ETag", "etag"):
         if info.get(key):
             return f"{key}={info[key]}"
     return f"size={info.get('size')} mtime={info.get('mtime') or info.get('updated') or info.get('LastModified')}"
 
 
-def _fetch(src: epath.Path, dest: pathlib.Path) -> None:
-    """Copies one remote file to ``dest`` unless the copy there is of the same object version (``_version``,
-    recorded next to it); via a temporary + rename."""
-    version = _version(src)
-    stamp = dest.with_name(f".{dest.name}.version")
-    if dest.is_file() and stamp.is_file() and stamp.read_text() == version:
+def _stamp(dest: pathlib.Path) -> pathlib.Path:
+    """Where the object version of the cached copy ``dest`` is recorded."""
+    return dest.with_name(f".{dest.name}.version")
+
+
+def _is_current(dest: pathlib.Path, version: str) -> bool:
+    stamp = _stamp(dest)
+    try:
+        return dest.is_file() and stamp.read_text() == version
+    except OSError:
+        return False
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """A version stamp or a download in progress (not a copy of a remote file)."""
+    return name.startswith(".") and (name.endswith(".version") or ".part-" in name)
+
+
+def _fetch(fs, rpath: str, dest: pathlib.Path, version: str) -> None:
+    """Copies the remote object ``rpath`` to ``dest`` unless the copy there was fetched at ``version`` (recorded
+    next to it); via a temporary of this process + rename, so a reader never opens a half-written file. ``version``
+    comes from a listing made just before: should the object be rewritten in between, the copy holds the newer
+    content (one version of it: fsspec's ``get_file``) under the older stamp, and the next refresh fetches it
+    again; never older content under a newer stamp."""
+    if _is_current(dest, version):
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{threading.get_ident()}")
     try:
-        with src.open("rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=16 << 20)
-        stamp.unlink(missing_ok=True)  # never a stamp that vouches for the previous content
+        fs.get_file(rpath, os.fspath(tmp))
+        _stamp(dest).unlink(missing_ok=True)  # never a stamp that vouches for the previous content
         os.replace(tmp, dest)
-        stamp.write_text(version)
+        _stamp(dest).write_text(version)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _cache_lock(dest: pathlib.Path) -> Iterator[None]:
+    """Serializes refreshes of one cached copy across the processes of this machine (``flock`` on a file under
+    ``$PERCAUSAL_CACHE/locks``; released by the kernel if the holder dies). Where the filesystem has no locks the
+    refresh goes ahead unlocked (each file is still replaced by rename)."""
+    import fcntl
+    import hashlib
+
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{hashlib.sha256(os.fspath(dest).encode()).hexdigest()[:32]}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
+def _listing(fs, root: str) -> dict[str, str]:
+    """``{relative name: object version}`` of every object under the remote directory ``root``, listed now."""
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # a listing cached by this process may predate another machine's export
+    out = {}
+    for name, info in fs.find(root, detail=True).items():
+        if info.get("type", "file") != "file" or not name.startswith(root + "/"):
+            continue
+        rel = name[len(root) + 1:]
+        if rel and not rel.endswith("/"):
+            out[rel] = _version_of(info)
+    return out
+
+
+def _sync(fs, root: str, dest: pathlib.Path, include: tuple[str, ...] | None) -> bool:
+    """Makes ``dest`` the remote directory ``root`` (its files matching ``include``). False when ``root`` has no
+    files (not a directory)."""
+    listing = _listing(fs, root)
+    if not listing:
+        return False
+    wanted = {rel: v for rel, v in listing.items()
+              if include is None or any(pathlib.PurePath(rel).match(g) for g in include)}
+    local = sorted(p for p in dest.rglob("*") if p.is_file() or p.is_symlink()) if dest.is_dir() else []
+    doomed, bookkeeping = [], []
+    for p in local:
+        rel = p.relative_to(dest).as_posix()
+        if rel in listing:
+            # a copy of an older version: replaced below if wanted, else deleted now; a marker leaves first
+            if not _is_current(p, listing[rel]) and (rel not in wanted or p.name in _MARKERS):
+                doomed.append(p)
+        elif _is_bookkeeping(p.name):
+            bookkeeping.append(p)
+        else:
+            doomed.append(p)  # the remote no longer has it
+    # 1. markers, then the other files that are gone or stale remotely (stamp first: a file without one is stale)
+    for p in sorted(doomed, key=lambda p: (p.name not in _MARKERS, os.fspath(p))):
+        _stamp(p).unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
+    # 2. stamps whose file is gone; temporaries of downloads that died (another process's live one is kept)
+    now = time.time()
+    for p in bookkeeping:
+        with contextlib.suppress(OSError):
+            if p.name.endswith(".version"):
+                owner = p.with_name(p.name[1:-len(".version")])
+                if not owner.is_file():
+                    p.unlink()
+            elif now - p.stat().st_mtime > _PART_MAX_AGE_S:
+                p.unlink()
+    # 3. directories left empty that the remote does not have
+    prefixes = {str(pathlib.PurePosixPath(rel).parents[i]) for rel in listing
+                for i in range(len(pathlib.PurePosixPath(rel).parents) - 1)}
+    if dest.is_dir():
+        for d in sorted((p for p in dest.rglob("*") if p.is_dir() and not p.is_symlink()),
+                        key=lambda p: -len(p.parts)):
+            if d.relative_to(dest).as_posix() not in prefixes:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+    # 4. the payload, then the markers
+    for rel in sorted(wanted, key=lambda r: (pathlib.PurePosixPath(r).name in _MARKERS, r)):
+        _fetch(fs, f"{root.rstrip('/')}/{rel}", dest / rel, wanted[rel])
+    return True
 
 
 def _walk(root: epath.Path) -> Iterable[tuple[epath.Path, str]]:
@@ -118,29 +231,56 @@ def _walk(root: epath.Path) -> Iterable[tuple[epath.Path, str]]:
 
 
 def local_file(p: PathLike, what: str = "file") -> pathlib.Path:
-    """A local path holding ``p``'s bytes (``p`` itself when local; a cached copy of a remote file)."""
+    """A local path holding ``p``'s bytes (``p`` itself when local; for a remote file a cached copy, fetched again
+    when the object's version changed)."""
     src = path(p)
-    if not src.is_file():
-        raise UserError(f"{p}: no such {what}")
     if not is_remote(src):
+        if not src.is_file():
+            raise UserError(f"{p}: no such {what}")
         return pathlib.Path(os.fspath(src))
     dest = _cache_path(os.fspath(src))
-    _fetch(src, dest)
+    fs, rpath = _fs(os.fspath(src))
+    with _cache_lock(dest):
+        try:
+            fs.invalidate_cache(rpath)
+            info = fs.info(rpath)
+        except FileNotFoundError:
+            info = None
+        if info is None or info.get("type", "file") != "file":
+            raise UserError(f"{p}: no such {what}")
+        _fetch(fs, rpath, dest, _version_of(info))
     return dest
 
 
 def local_dir(p: PathLike, what: str = "directory", include: tuple[str, ...] | None = None) -> pathlib.Path:
-    """A local directory holding ``p``'s files (``p`` itself when local; for a remote directory a cached copy,
-    refreshed file by file). ``include``: only names matching one of these globs are copied."""
+    """A local directory holding ``p``'s files: ``p`` itself when local; for a remote directory a cached copy that
+    is made the remote listing on every call. ``include``: only names matching one of these globs are fetched.
+
+    Each call, holding a lock on this copy (other processes of this machine wait rather than fetch the same files):
+    lists the remote directory afresh; deletes local files it does not list (and local files it lists at another
+    version, when ``include`` leaves them out), a changed marker (``config.json``, ``adapter_config.json``) first;
+    fetches the files missing or at another version (temporary + rename), markers last. A file that vanishes
+    between the listing and its fetch (a concurrent re-export) makes it list again (three tries).
+
+    A process that read this copy earlier and is still reading it while another refresh replaces files sees what
+    POSIX gives: files it has open or memory-mapped keep their old content; a file it opens afterwards is the new
+    one, or gone (an error rather than a silent mix of two exports)."""
     src = path(p)
-    if not src.is_dir():
-        raise UserError(f"{p}: no such {what}")
     if not is_remote(src):
+        if not src.is_dir():
+            raise UserError(f"{p}: no such {what}")
         return pathlib.Path(os.fspath(src))
     dest = _cache_path(os.fspath(src))
-    for f, rel in _walk(src):
-        if include is None or any(pathlib.PurePath(rel).match(g) for g in include):
-            _fetch(f, dest / rel)
+    fs, root = _fs(os.fspath(src))
+    with _cache_lock(dest):
+        for attempt in range(3):
+            try:
+                if not _sync(fs, root, dest, include):
+                    raise UserError(f"{p}: no such {what}")
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
     return dest
 
 
@@ -176,13 +316,89 @@ def resolve_hf_dir(name: PathLike, *, what: str, allow_patterns: list[str] | Non
     try:
         local = pathlib.Path(snapshot_download(s, repo_type=repo_type, revision=revision,
                                                allow_patterns=allow_patterns))
-    except Exception as e:  # noqa: BLE001 - any hub failure (offline, missing repo, network) is the user's to fix
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if offline else ""
-        raise UserError(f"{s}: not a local {what}, and the hub download failed{hint}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # noqa: BLE001 - sorted by _hub_failure; anything it does not know is re-raised
+        failure = _hub_failure(e, s, what, repo_type, revision)
+        if failure is None:
+            raise
+        raise failure from None
     rev = local.name if local.parent.name == "snapshots" else None
     return Resolved(s, local, rev)
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from, outermost first."""
+    chain: list[BaseException] = []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else repr(e)}"
+
+
+def _network_error_types() -> tuple[type, ...]:
+    """The transport errors of the HTTP clients huggingface_hub may have used (httpx, or requests in older
+    versions): only those already imported can have raised."""
+    import sys
+
+    types: list[type] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout")), ("aiohttp", ("ClientConnectionError",))):
+        mod = sys.modules.get(module)
+        types += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import XetDownloadError
+
+        types.append(XetDownloadError)
+    return tuple(types)
+
+
+def _hub_failure(e: Exception, name: str, what: str, repo_type: str, revision: str | None) -> UserError | None:
+    """What a failed ``snapshot_download`` of ``name`` means for the user: a :class:`UserError` (exit 2) when the
+    hub refused the request (no such repo or revision, gated or private, invalid id, offline and not cached); a
+    :class:`StorageError` (exit 3, "could not download ...") when the hub could not be reached or failed (connection,
+    timeout, 5xx, 429) or the hub cache could not be written; ``None`` for anything else (a bug: re-raised)."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    chain = _causes(e)
+    rev = revision or "main"
+    cache = getattr(constants, "HF_HUB_CACHE", "the hub cache")
+
+    def status(x: BaseException) -> int | None:
+        return getattr(getattr(x, "response", None), "status_code", None)
+
+    refused = (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.HFValidationError,
+               *(getattr(hf, n) for n in ("DisabledRepoError", "RemoteEntryNotFoundError", "BadRequestError",
+                                          "EgressLimitError") if hasattr(hf, n)))
+    for x in chain:
+        if isinstance(x, refused) or (isinstance(x, hf.HfHubHTTPError) and status(x) in (401, 403, 404)):
+            hint = (" (gated: accept its terms on the hub, then set HF_TOKEN)" if isinstance(x, hf.GatedRepoError)
+                    else " (no such repo, or a private one and HF_TOKEN is not set)"
+                    if isinstance(x, hf.RepositoryNotFoundError) else "")
+            return UserError(f"{name}: not a local {what}, and the hub refused it (revision {rev}, repo type "
+                             f"{repo_type}){hint}: {_one_line(x)}")
+    if any(isinstance(x, hf.OfflineModeIsEnabled) for x in chain) or (
+            isinstance(e, hf.LocalEntryNotFoundError) and len(chain) == 1):
+        return UserError(f"{name}: not a local {what}, and the hub download failed (HF_HUB_OFFLINE is set: only "
+                         f"the local hub cache {cache} is searched, and it has no snapshot of revision {rev}): "
+                         f"{_one_line(e)}")
+    where = f"{what} {name} (revision {rev}) from the Hugging Face hub ({constants.ENDPOINT})"
+    network = _network_error_types()
+    for x in reversed(chain):  # the root cause names the failure best ("Connection refused")
+        if isinstance(x, network) or isinstance(x, hf.HfHubHTTPError):  # 401/403/404 were sorted out above
+            return StorageError(f"could not download {where}: {_one_line(x)}; re-run once the hub is reachable "
+                                "(or set HF_HUB_OFFLINE=1 to use only the local hub cache)")
+    for x in chain:
+        if isinstance(x, OSError) and not isinstance(x, hf.LocalEntryNotFoundError):
+            return StorageError(f"could not download {where} into {cache}: {_one_line(x)}; re-run once there is "
+                                "room / access")
+    if isinstance(e, hf.LocalEntryNotFoundError):  # raised by huggingface_hub after an error it did not chain
+        return StorageError(f"could not download {where}: {_one_line(e)}; re-run once the hub is reachable")
+    return None
 
 
 TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "chat_template*", "vocab*", "merges.txt",
