@@ -1,7 +1,10 @@
 """``percausal demo``: the main job. On the embedded SmolLM2-135M-Instruct and a synthetic personalization set,
 train CE and PerCE with the same budget through ``percausal train``, evaluate both with ``percausal eval``, score
 test tokens with ``percausal score``, export the PerCE model with ``percausal export`` (and load it back in
-transformers), and write ``OUT/report.html``. Everything goes under ``OUT`` (default ``demo_out/``)."""
+transformers), and write ``OUT/report.html``. Everything goes under ``OUT`` (default ``demo_out/``).
+
+A training preempted by SIGTERM (it saves a checkpoint) stops the demo with exit code 75 and one line; re-running
+the same command resumes it (a method that finished trains no further step)."""
 
 from __future__ import annotations
 
@@ -69,10 +72,14 @@ def run(args) -> int:
                  *_mesh_overrides(config)]
     if args.steps:
         overrides.append(f"--config.train.steps={args.steps}")
+    from percausal_jax.sweep.training import train_to_end
+
     for i, method in enumerate(METHODS):
         _step(f"3/6 train {method} ({i + 1}/{len(METHODS)}): same data, budget and learning rate")
-        call(["train", "--config", config, "--workdir", runs / method, f"--config.objective.name={method}",
-              *overrides])
+        # in this process, as `percausal train`; preempted (SIGTERM) before its budget, it stops the demo (exit 75)
+        # rather than compare a partly trained model: re-running the demo resumes it
+        train_to_end(config, runs / method, [f"--config.objective.name={method}", *overrides], f"train {method}",
+                     progress=True)
 
     from percausal_jax.evaluation.wordnet import available
 

@@ -1,9 +1,14 @@
-"""``percausal eval --model PATH | --workdir DIR [--step N] --data FILE --out PREDS.jsonl``: generate and score."""
+"""``percausal eval --model PATH | --workdir DIR [--step N] --data FILE --out PREDS.jsonl``: generate and score.
+
+Records with an empty required field are skipped: the kept/skipped table (counts by reason, first ids) goes to
+stderr and the metrics record ``skipped`` and ``skipped_by_reason``; ``--strict`` (or, with ``--workdir``, the run's
+``data.strict``, e.g. ``--config.data.strict=true``) makes such a record an error (exit 2) instead."""
 
 from __future__ import annotations
 
 import json
 
+from percausal_jax.data.records import SkipReport
 from percausal_jax.evaluation.contrast_flags import add_flags, check_flags
 
 
@@ -30,6 +35,10 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=0, help="only the first N records")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs WordNet)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--strict", action="store_true", help=SkipReport.STRICT_HELP)
+    p.add_argument("--base-moved", action="store_true",
+                   help="with --workdir and --config.model.path=DIR: the run's base model now lives at DIR (the "
+                        "same weights, checked by fingerprint)")
     p.set_defaults(func=run, accepts_overrides=True)  # --config.a.b=v: the run's config (with --workdir)
 
 
@@ -51,13 +60,14 @@ def run(args) -> int:
 
         raise UserError(f"{args.overrides[0]}: --config.* overrides apply to a run's config (--workdir); "
                         "--model has no config")
-    records = read_eval_records(args.data)
+    records, skips = read_eval_records(args.data, strict=args.strict or _run_strict(args))
     if args.limit:
         records = records[:args.limit]
     if args.workdir:
         from percausal_jax.training.export import restore_model
 
-        model, run_, _, _ = restore_model(args.workdir, args.step, getattr(args, "overrides", ()))
+        model, run_, _, _ = restore_model(args.workdir, args.step, getattr(args, "overrides", ()),
+                                          base_moved=args.base_moved)
         tokenizer, fcfg, chunk = run_.tokenizer, run_.featurize_config, run_.config.vocab_chunk_size
         if args.template:
             fcfg = dataclasses.replace(fcfg, template=args.template)
@@ -67,15 +77,35 @@ def run(args) -> int:
         loaded = pretrained(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer
         fcfg, chunk = FeaturizeConfig(template=args.template or "chat"), 8192
+    skips.announce(f"--data={args.data}")  # every input checked: what was kept and skipped, before generating
     dcfg = DecodeConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                         args.seed, args.batch_size, args.contrast, args.plausibility)
     rows = generate_for_records(model, tokenizer, records, fcfg, dcfg, progress=not args.no_progress)
     result = score(rows, records, args.task, meteor=not args.no_meteor)
     # with personal_spans: teacher-forced NLL of the references' personal / generic tokens (nll_personal, ...)
     result.update(teacher_forced_nll(model, tokenizer, records, fcfg, args.batch_size, chunk))
+    result.update(skips.summary())  # of the whole --data file (before --limit)
     out = storage.path(args.out)  # local or gs://; each file written whole
     write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     metrics_path = storage.path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")
     write_text(metrics_path, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
+
+
+def _run_strict(args) -> bool:
+    """``data.strict`` of the run evaluated with ``--workdir`` (its saved config, with ``--config.*`` overrides);
+    read before its weights, so that bad data fails first."""
+    if not args.workdir:
+        return False
+    import ml_collections
+
+    from percausal_jax.config import apply_override
+    from percausal_jax.training import checkpoints
+    from percausal_jax.training.export import _check_workdir
+
+    _check_workdir(args.workdir)
+    cfg = ml_collections.ConfigDict(checkpoints.read_meta(args.workdir, args.step)[0]["config"])
+    for item in getattr(args, "overrides", ()):
+        apply_override(cfg, item, source=f"the config of {args.workdir}")
+    return bool(cfg.get("data", {}).get("strict", False))

@@ -1,5 +1,6 @@
-"""``percausal export --workdir RUN [--step N] --out HF_DIR [--merge-lora | --peft] [--config.a.b=v ...]``: a
-checkpoint back to a Hugging Face directory (local or ``gs://``), on whatever devices this machine has."""
+"""``percausal export --workdir RUN [--step N] --out HF_DIR [--merge-lora | --peft] [--config.a.b=v ...]
+[--base-moved]``: a checkpoint back to a Hugging Face directory (local or ``gs://``), on whatever devices this
+machine has."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
                               epilog="--config.a.b=v overrides the run's saved config, e.g. "
-                                     "--config.model.path=DIR when the base model has moved")
+                                     "--config.model.path=DIR --base-moved when the base model has moved")
     p.add_argument("--workdir", required=True, help="the training run (local directory or gs:// URL)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", required=True, help="output directory or gs:// URL (written atomically: config.json / "
@@ -17,6 +18,9 @@ def register(subparsers) -> None:
     form.add_argument("--merge-lora", action="store_true", help="LoRA run: adapters merged into the base weights")
     form.add_argument("--peft", action="store_true", help="LoRA run: a PEFT adapter (adapter_config.json + "
                                                           "adapter_model.safetensors) for the base model")
+    p.add_argument("--base-moved", action="store_true",
+                   help="the base model is now elsewhere (--config.model.path=NEW): accepted when NEW holds the "
+                        "weights the run was trained on (same fingerprint); other weights are always refused")
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -28,6 +32,6 @@ def run(args) -> int:
 
     form = "peft" if args.peft else "merged" if args.merge_lora else "full"
     out = export_checkpoint(args.workdir, args.out, step=args.step, dtype=args.dtype, form=form,
-                            overrides=getattr(args, "overrides", ()))
+                            overrides=getattr(args, "overrides", ()), base_moved=args.base_moved)
     print(out)
     return 0

@@ -2,13 +2,18 @@
 
 ``--contrast BETA`` (off by default) adds, per token, what profile-contrastive decoding would change at that step
 (teacher-forced on the gold prefix): ``argmax_personal`` / ``argmax_contrast`` (ids) and their decoded
-``argmax_personal_token`` / ``argmax_contrast_token``; the heatmap marks the tokens where the two differ."""
+``argmax_personal_token`` / ``argmax_contrast_token``; the heatmap marks the tokens where the two differ.
+
+Records with an empty required field (``prompt``, ``completion``) are skipped: the kept/skipped table (counts by
+reason, first ids) goes to stderr, and ``--summary`` (default ``OUT`` with ``.summary.json``) records
+``{"scored", "skipped", "skipped_by_reason"}``; ``--strict`` makes such a record an error (exit 2) instead."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from percausal_jax.data.records import SkipReport
 from percausal_jax.errors import UserError
 from percausal_jax.evaluation.contrast_flags import add_flags, check_flags
 
@@ -21,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="prompt records JSONL/parquet: {id, prompt, prompt_no_profile, "
                                                  "completion}")
     p.add_argument("--out", required=True, help="output JSONL, one line per example")
+    p.add_argument("--summary", default=None,
+                   help="summary JSON: examples scored, records skipped by reason (default: OUT with .summary.json)")
+    p.add_argument("--strict", action="store_true", help=SkipReport.STRICT_HELP)
     p.add_argument("--html", default=None, help="also write a self-contained HTML token heatmap")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--template", choices=("none", "chat"), default="none",
@@ -57,15 +65,17 @@ def run(args) -> int:
         raise UserError(f"--delta={args.delta}: expected a number ≥ 0")
     check_flags(args)
     contrast = (args.contrast, args.plausibility) if args.contrast > 0 else None
-    rows = records.read_records(args.data)
-    for i, row in enumerate(rows, 1):
-        if records.detect_kind(row, args.data, i) != "prompt":
-            raise UserError(f"{args.data}:{i}: expected prompt records with fields "
+    numbered, skips = SkipReport.read(args.data, strict=args.strict)
+    for line, row in numbered:
+        if records.detect_kind(row, args.data, line) != "prompt":
+            raise UserError(f"{args.data}:{line}: expected prompt records with fields "
                             "'id', 'prompt', 'prompt_no_profile', 'completion'")
+    rows = [row for _, row in numbered]
     knobs = {"perce": {"clip_min": args.clip_min, "clip_max": args.clip_max}, "nextquill": {"delta": args.delta}}
     objectives = scorable(cls(**knobs.get(name, {})) for name, cls in OBJECTIVES.items())
     loaded = pretrained(args.model, dtype=args.dtype)
     tokenizer = loaded.tokenizer
+    skips.announce(f"--data={args.data}")  # every input checked: what was kept and skipped, before scoring
     # the featurizer training uses: a record's own `template` wins; records without one get --template
     featurizer = Featurizer(tokenizer, FeaturizeConfig(template=args.template, enable_thinking=args.enable_thinking))
     examples = [featurizer(row).example for row in rows]
@@ -81,10 +91,14 @@ def run(args) -> int:
                "tokens": [tokenizer.decode([t]) for t in ex.response_ids], **s}
         rec.update({f"{k}_token": [tokenizer.decode([t]) for t in s[k]] for k in CONTRAST_KEYS if k in s})
         scored.append({k: rec[k] for k in keys})
-    write_text(storage.path(args.out), "".join(json.dumps(r) + "\n" for r in scored))
+    out = storage.path(args.out)
+    write_text(out, "".join(json.dumps(r) + "\n" for r in scored))
+    summary = storage.path(args.summary) if args.summary else out.with_suffix(".summary.json")
+    write_text(summary, json.dumps({"scored": len(scored), **skips.summary()}, indent=2) + "\n")
     if args.html:
         from percausal_jax.evaluation.heatmap import heatmap_page
 
         write_text(storage.path(args.html), heatmap_page(scored, args.clip_min, args.clip_max, args.delta))
-    print(f"scored {len(scored)} examples -> {args.out}" + (f", {args.html}" if args.html else ""))
+    print(f"scored {len(scored)} examples, skipped {skips.skipped} records -> {args.out}, {summary}"
+          + (f", {args.html}" if args.html else ""))
     return 0

@@ -4,8 +4,14 @@ the report gives mean ± std over seeds there (personal / generic-token NLL, ROU
 time), with plots. Writes OUT/sweep.json (every cell, per seed), OUT/sweep.md, OUT/sweep.html and the PNGs.
 
 A method is an objective, optionally with knobs of its config block: ``perce[clip_max=2]`` trains with
-``--config.objective.perce.clip_max=2``. A cell already finished (its ``cell.json``, written after training and the
-validation evaluation, and its test evaluation) is not run again when the same command is repeated."""
+``--config.objective.perce.clip_max=2``. A cell already finished (its ``cell.json``, written after its training ran
+its whole budget and the validation evaluation, and its test evaluation) is not run again when the same command is
+repeated. A cell whose training is preempted (SIGTERM: it saves a checkpoint) stops the sweep, exit 75 and one line;
+re-running the same command resumes that cell from its checkpoint.
+
+``--train``, ``--val`` and ``--test`` are read once up front and their kept/skipped tables printed (each run and
+evaluation prints its own again); with ``--strict`` (or ``--config.data.strict=true``) a record with an empty required
+field is an error (exit 2) before anything trains, and the evaluations are strict too."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import contextlib
 import json
 import sys
 import time
+
+from percausal_jax.data.records import SkipReport
 
 PAPER_GRID = (2e-6, 5e-6, 8e-6, 2e-5, 5e-5)  # PerCE paper §4
 
@@ -38,6 +46,7 @@ def register(subparsers) -> None:
                         "nll_personal, nll_generic (lower is better; the run's last periodic eval on --val)")
     p.add_argument("--eval-limit", type=int, default=16, help="records generated for per evaluation (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--strict", action="store_true", help=SkipReport.STRICT_HELP)
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -61,10 +70,12 @@ def run(args) -> int:
     if _same_file(args.val, args.test):
         raise UserError(f"--val {args.val} is the --test file: the LR must be chosen on records the test does not "
                         "score (e.g. `percausal synth --val-users N`)")
+    configs = [RunConfig.from_config(load_config(args.config, _overrides(args, m, lr, seed)), where=args.config)
+               for m in methods for lr in lrs for seed in seeds]  # every cell's config is valid before anything runs
+    args.strict = args.strict or any(rc.data.strict for rc in configs)
+    inputs = _read_inputs(args)
     if crit.metric in ("span_recall", "nll_personal", "nll_generic"):
-        from percausal_jax.data.records import read_records
-
-        if not any(r.get("personal_spans") for r in read_records(args.val)):
+        if not any(r.get("personal_spans") for r in inputs["val"][0]):
             raise UserError(f"--select {crit.metric} needs validation records with personal_spans; {args.val} has "
                             "none (choose rougeL or nll)")
     if crit.metric == "meteor":
@@ -72,13 +83,19 @@ def run(args) -> int:
 
         if not available():
             raise UserError("--select meteor needs WordNet (bash scripts/install_wordnet.sh); or --select rougeL")
-    for m in methods:  # every cell's config is valid before anything trains or is written
-        for lr in lrs:
-            for seed in seeds:
-                RunConfig.from_config(load_config(args.config, _overrides(args, m, lr, seed)), where=args.config)
+    for flag, (_, report) in inputs.items():  # every input checked: what was kept and skipped, before any run
+        report.announce(f"--{flag}={getattr(args, flag)}")
     out = storage.path(args.out)  # local or gs://
     with WorkdirLock(out, command="sweep"):  # one sweep per --out (each run also locks its own workdir)
         return _sweep(args, out, methods, lrs, seeds, crit)
+
+
+def _read_inputs(args) -> dict[str, tuple[list[dict], SkipReport]]:
+    """--train (unless an ArrayRecord file: the runs read it), --val and --test: their records and what was kept
+    and skipped (``args.strict``: a skipped record is an error, before anything trains)."""
+    flags = ("train", "val", "test") if ".array_record" not in str(args.train) else ("val", "test")
+    read = {flag: SkipReport.read(getattr(args, flag), strict=args.strict) for flag in flags}
+    return {flag: ([record for _, record in numbered], report) for flag, (numbered, report) in read.items()}
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -172,7 +189,15 @@ def _eval_argv(args, work, data: str, name: str) -> list:
 
     return ["eval", "--workdir", work, "--data", data, "--out", work / f"{name}.jsonl", "--no-progress",
             "--limit", args.eval_limit, "--max-new-tokens", args.max_new_tokens,
-            *([] if available() else ["--no-meteor"])]
+            *([] if available() else ["--no-meteor"]), *(["--strict"] if args.strict else [])]
+
+
+def _train(args, work, overrides: list[str], what: str) -> float:
+    """Trains the cell in this process; a preempted training stops the sweep (:class:`~percausal_jax.sweep.training.
+    Preempted`) before anything reads or records its partly trained model."""
+    from percausal_jax.sweep.training import train_to_end
+
+    return train_to_end(args.config, work, overrides, what)
 
 
 def _train_cell(args, out, method, lr: float, seed: int, crit):
@@ -195,14 +220,14 @@ def _train_cell(args, out, method, lr: float, seed: int, crit):
         print(f"== {what}: done before, not rerun", file=sys.stderr, flush=True)
         return Cell.from_json(saved["cell"])
     print(f"== {what}", file=sys.stderr, flush=True)
-    train_s = _call(["train", "--config", args.config, "--workdir", work, "--no-progress",
-                     *_overrides(args, method, lr, seed)], what)
+    train_s = _train(args, work, _overrides(args, method, lr, seed), what)  # its whole budget, or Preempted
     val = final_eval(read_jsonl(work / "metrics.jsonl"))
     val_s = None
     if crit.needs_generation:
         val_s = _call(_eval_argv(args, work, args.val, "val_preds"), what)
         val.update(numeric(json.loads((work / "val_preds.metrics.json").read_text())))
     val.pop("n", None)
+    val.pop("skipped", None)
     cell = Cell(method.label, lr, seed, str(work), val, None, train_s, val_s)
     write_text(record, json.dumps({"spec": spec, "cell": cell.to_json()}, indent=2) + "\n")
     return cell

@@ -1,4 +1,5 @@
-"""``percausal train --config FILE --workdir DIR [--config.a.b=v ...]``: train (or resume) one run."""
+"""``percausal train --config FILE --workdir DIR [--config.a.b=v ...] [--base-moved]``: train (or resume) one
+run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ def register(subparsers) -> None:
                                                        "(or JAX_COORDINATOR_ADDRESS; TPU pods are detected)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--base-moved", action="store_true",
+                   help="resume with the base model under a new model.path: accepted when it holds the weights the "
+                        "checkpoint was trained on (same fingerprint); other weights are always refused")
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -23,7 +27,7 @@ def run(args) -> int:
     from percausal_jax.training.loop import train
 
     rc = RunConfig.from_config(load_config(args.config, args.overrides), where=args.config)
-    last = train(rc, args.workdir, progress=not args.no_progress)
+    last = train(rc, args.workdir, progress=not args.no_progress, base_moved=args.base_moved)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}" +
               (f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))

@@ -159,6 +159,33 @@ class SkipReport:
     def __repr__(self) -> str:
         return f"SkipReport(kept={self.kept}, skipped={dict(self.counts)})"
 
+    # One way for every command that reads records (score, eval, sweep; train's setup.open_records and prepare print
+    # the same table): read with a report (--strict: skips are errors), print it, record the skips in the outputs.
+
+    STRICT_HELP = ("a row with an empty required field (input, output, prompt, completion) is an error naming file, "
+                   "row and field (exit 2), instead of being skipped and counted")
+
+    def announce(self, what: str) -> None:
+        """Prints ``WHAT:`` and :meth:`table` on stderr (``what`` names the input, e.g. ``--data=f.jsonl``)."""
+        import sys
+
+        print(f"{what}:\n{self.table()}", file=sys.stderr, flush=True)
+
+    def summary(self) -> dict:
+        """The skips as an output file records them: ``{"skipped": n, "skipped_by_reason": {reason: {"count": n,
+        "first": [ids]}}}`` (``skipped_by_reason`` is ``{}`` when nothing was skipped)."""
+        return {"skipped": self.skipped, "skipped_by_reason": self.to_json()["by_reason"]}
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, strict: bool = False,
+             require_output: bool = True) -> tuple[list[tuple[int, dict]], SkipReport]:
+        """:func:`read_numbered` of ``path`` with a fresh report; returns the numbered records and the report.
+        ``strict``: a row that would be skipped is a :class:`UserError` naming file, line and field instead. The
+        command prints the report (:meth:`announce`) once its other inputs are checked too, so that a bad input
+        stays its only output line."""
+        report = cls()
+        return read_numbered(path, require_output=require_output, strict=strict, report=report), report
+
 
 def row_label(row: Any, path: str | os.PathLike, line: int) -> str:
     """How a report names a row: its id (the generated one for LongLaMP rows), else ``file:row``."""

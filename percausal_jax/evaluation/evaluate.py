@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
-from percausal_jax.data.records import read_records
+from percausal_jax.data.records import SkipReport
 from percausal_jax.errors import UserError
 from percausal_jax.evaluation import metrics, token_nll
 from percausal_jax.evaluation.generate import generate
@@ -123,5 +123,7 @@ def score(rows: Sequence[dict], records: Sequence[dict], task: str | None, meteo
     return {**results, "n": len(rows)}
 
 
-def read_eval_records(path: str) -> list[dict]:
-    return read_records(path)
+def read_eval_records(path: str, *, strict: bool = False) -> tuple[list[dict], SkipReport]:
+    """The records of ``--data`` and what was kept and skipped (``strict``: a skipped record is an error)."""
+    numbered, report = SkipReport.read(path, strict=strict)
+    return [record for _, record in numbered], report

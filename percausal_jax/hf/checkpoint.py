@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -90,6 +91,80 @@ def _weight_map(model_dir: Path) -> dict[str, Path]:
             return {name: single for name in f.keys()}
     raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
                     "(PyTorch .bin checkpoints are not read: they are pickles)")
+
+
+FINGERPRINT_SCHEME = "sha256-v1"
+_WHOLE_TENSOR_BYTES = 64 << 10  # tensors up to this size are hashed whole
+_WINDOWS, _WINDOW_BYTES = 32, 1 << 10  # larger ones: this many evenly spaced windows (first and last included)
+_CONFIG_NOISE = ("transformers_version", "_name_or_path")  # written by whoever saved the copy, not the model
+
+
+def _safetensors_header(f: Path) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file: its JSON header and where its tensor bytes begin."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        assert isinstance(header, dict)
+    except FileNotFoundError:
+        raise UserError(f"{f}: missing (named by model.safetensors.index.json)") from None
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise UserError(f"{f}: not a safetensors file (its header is not JSON)") from None
+    return header, 8 + n
+
+
+def weights_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The identity of a HF model directory's weights, cheap to compute (no full read): ``sha256-v1:`` and the first
+    16 hex digits of a SHA-256 over
+
+    * ``config.json``, parsed, without ``transformers_version`` / ``_name_or_path``, as sorted-key JSON;
+    * for every tensor the loader reads (the index's ``weight_map``, else every tensor of ``model.safetensors``),
+      in name order: its name, dtype, shape and byte size (from the safetensors headers), and its bytes: all of
+      them for a tensor up to 64 KiB, else 32 evenly spaced 1 KiB windows (the first and last included).
+
+    Sharding, file names, offsets, the headers' ``__metadata__`` and where the directory is do not enter it: the
+    same weights copied, moved or re-sharded have the same fingerprint; other weights of the same architecture
+    (another checkpoint, a fine-tune, a tensor rewritten) have another."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256(FINGERPRINT_SCHEME.encode() + b"\0")
+    config = json.loads((model_dir / "config.json").read_text())
+    for k in _CONFIG_NOISE:
+        config.pop(k, None)
+    h.update(json.dumps(config, sort_keys=True).encode() + b"\0")
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = {name: model_dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (model_dir / "model.safetensors").is_file():
+        weight_map = None
+    else:
+        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                        "(PyTorch .bin checkpoints are not read: they are pickles)")
+    files = sorted(set(weight_map.values())) if weight_map is not None else [model_dir / "model.safetensors"]
+    tensors = {}  # name -> (file, entry, data_start)
+    for f in files:
+        header, start = _safetensors_header(f)
+        for name, entry in header.items():
+            if name != "__metadata__" and (weight_map is None or weight_map.get(name) == f):
+                tensors[name] = (f, entry, start)
+    handles: dict[Path, Any] = {}
+    try:
+        for name in sorted(tensors):
+            f, entry, start = tensors[name]
+            begin, end = entry["data_offsets"]
+            size = end - begin
+            h.update(json.dumps([name, entry["dtype"], entry["shape"], size]).encode() + b"\0")
+            fh = handles.get(f) or handles.setdefault(f, open(f, "rb"))
+            if size <= _WHOLE_TENSOR_BYTES:
+                offsets, width = [0], size
+            else:
+                offsets, width = [i * (size - _WINDOW_BYTES) // (_WINDOWS - 1) for i in range(_WINDOWS)], _WINDOW_BYTES
+            for off in offsets:
+                fh.seek(start + begin + off)
+                h.update(fh.read(width))
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return f"{FINGERPRINT_SCHEME}:{h.hexdigest()[:16]}"
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str | Any = "float32", mesh: jax.sharding.Mesh | None = None,

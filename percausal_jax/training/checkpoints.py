@@ -5,11 +5,13 @@ the newest cannot be read, and a clear error when the layout does not match.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
 import re
+import sys
 
 import grain
 import jax
@@ -48,13 +50,17 @@ RESUME_HINT = ("the last committed checkpoint is kept: re-run the same command o
 
 @contextlib.contextmanager
 def storage_errors(what: str, where, hint: str = RESUME_HINT):
-    """Any failure of the storage inside the block (disk full, bucket unreachable after retries) becomes one
-    :class:`StorageError` line naming ``what`` and ``where``, then ``hint``; committed checkpoints are untouched."""
+    """A failure of the storage inside the block (disk full, no permission, bucket unreachable after retries:
+    :func:`storage_cause` finds one) becomes one :class:`StorageError` line naming ``what`` and ``where``, then
+    ``hint``; committed checkpoints are untouched. Anything else (a bug: TypeError, KeyError, a ValueError with no
+    storage cause...) propagates as itself, with its traceback."""
     try:
         yield
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - tensorstore, gcsfs, aiohttp and OSError all raise their own types
+    except Exception as e:
+        if storage_cause(e) is None:
+            raise
         detail = (str(e).strip().splitlines() or [""])[0]
         if len(detail) > 240:  # tensorstore's messages name every layer and spec; the errno is named up front
             detail = f"{detail[:80]} … {detail[-150:]}"
@@ -64,20 +70,63 @@ def storage_errors(what: str, where, hint: str = RESUME_HINT):
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+# Clients of the object store and their HTTP stacks: any exception type of theirs is a transport/auth failure.
+_TRANSPORT_MODULES = ("aiohttp", "gcsfs", "google.auth", "google.api_core", "google.resumable_media",
+                      "google.cloud.storage", "requests", "urllib3")
+# tensorstore (Orbax's array writer) raises ValueError & co. whose text starts with an absl status; a request to
+# the object store that failed (after its retries) has one of these statuses and names the HTTP / GCS layer.
+_TRANSPORT_STATUS = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
+                               r"UNAUTHENTICATED|ABORTED|INTERNAL|UNKNOWN|DATA_LOSS|CANCELLED)\b")
+_TRANSPORT_LAYER = re.compile(r"CURL|HTTP|https?://|gs://|\bgcs|GCS|kvstore/gcs")
+
+
+# A programming error raised while another exception was being handled (implicit ``__context__``) is a bug in the
+# handler, whatever it was handling; only an explicit ``raise ... from storage_error`` carries the cause over.
+_BUG_TYPES = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError, ImportError,
+              NotImplementedError, RecursionError, ZeroDivisionError)
+
+
+def _chain(e: BaseException):
+    """``e``, its causes, contexts (not those of a programming error: see ``_BUG_TYPES``) and the members of
+    exception groups, each once."""
+    seen, todo = set(), collections.deque([e])
+    while todo:
+        e = todo.popleft()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        context = None if e.__suppress_context__ or isinstance(e, _BUG_TYPES) else e.__context__
+        todo.extend([e.__cause__, context, *getattr(e, "exceptions", ())])
+
+
+def _transport_type(cls: type) -> bool:
+    return any(c.__module__ == m or c.__module__.startswith(m + ".") for c in cls.__mro__ for m in _TRANSPORT_MODULES)
+
+
+def storage_cause(e: BaseException) -> BaseException | None:
+    """The exception in ``e``'s chain that says the storage failed, or None (then ``e`` is not a storage error):
+    an :class:`OSError` (ENOSPC, EFBIG, EACCES, a refused connection, a timeout...), an error of the object store's
+    client stack (aiohttp, gcsfs, google-auth, requests, urllib3), or a tensorstore error carrying an
+    ``os_error_code`` or a failed GCS/HTTP request."""
+    for x in _chain(e):
+        if isinstance(x, OSError) or _transport_type(type(x)):
+            return x
+        text = str(x)
+        if _OS_ERROR_CODE.search(text) or (_TRANSPORT_STATUS.search(text) and _TRANSPORT_LAYER.search(text)):
+            return x
+    return None
 
 
 def os_error_text(e: BaseException) -> str | None:
     """The operating system's words for the error behind ``e`` ("File too large", "No space left on device"):
-    from an :class:`OSError` in its cause chain, or from the ``os_error_code`` tensorstore writes into its
-    messages; ``None`` when there is neither."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno:
-            return os.strerror(e.errno)
-        if m := _OS_ERROR_CODE.search(str(e)):
+    from an :class:`OSError` in its chain (:func:`_chain`), or from the ``os_error_code`` tensorstore writes into
+    its messages; ``None`` when there is neither."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno:
+            return os.strerror(x.errno)
+        if m := _OS_ERROR_CODE.search(str(x)):
             return os.strerror(int(m.group(1)))
-        e = e.__cause__ or e.__context__
     return None
 
 
@@ -104,7 +153,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict, fo
     return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, state, iterator, meta: dict, step: int | None = None):
+def restore(mngr: ocp.CheckpointManager, state, iterator, meta: dict, step: int | None = None,
+            base_moved: bool = False):
     """Restores the newest readable step (or ``step``) into the shapes/shardings of ``state`` and into
     ``iterator``; returns ``(state, step)`` or ``(None, None)`` when there is no checkpoint.
 
@@ -128,6 +178,8 @@ def restore(mngr: ocp.CheckpointManager, state, iterator, meta: dict, step: int 
         try:
             saved_meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             check_layout(saved_meta, meta, mngr.directory / str(s))
+            if meta.get("model_fingerprint"):
+                check_base(saved_meta, meta, mngr.directory / str(s), base_moved, quiet=True)
             args = {"state": ocp.args.StandardRestore(abstract)}
             if iterator is not None:
                 args["iter"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -184,8 +236,10 @@ def check_layout(saved: dict, current: dict, where) -> None:
         raise UserError(f"{where}: the checkpoint does not match this run's layout ({'; '.join(diffs)})")
 
 
-def check_resumable(workdir: storage.PathLike, layout: dict) -> None:
-    """Before a run loads anything: the newest checkpoint of ``workdir`` (if any) has this run's ``layout``."""
+def check_resumable(workdir: storage.PathLike, layout: dict, base: dict | None = None,
+                    base_moved: bool = False) -> None:
+    """Before a run loads anything: the newest checkpoint of ``workdir`` (if any) has this run's ``layout`` and,
+    given ``base`` (:func:`check_base`'s keys), was trained on these weights."""
     if not directory(workdir).is_dir():
         return
     mngr = manager(workdir, async_save=False)
@@ -197,6 +251,58 @@ def check_resumable(workdir: storage.PathLike, layout: dict) -> None:
     except Exception:  # noqa: BLE001 - unreadable: restore() falls back to an older step and checks that one
         return
     check_layout(saved, {"layout": layout}, mngr.directory / str(step))
+    if base is not None:
+        check_base(saved, base, mngr.directory / str(step), base_moved)
+
+
+# The base model's identity in a checkpoint's meta: the name as the user gave it (model.path: a directory, gs://
+# URL or hub id), the local directory it was read from, the hub commit (when from the hub), and the content
+# fingerprint of its weights (hf.checkpoint.weights_fingerprint).
+BASE_KEYS = ("model_path", "model_dir", "model_revision", "model_fingerprint")
+
+
+def describe_base(meta: dict) -> str:
+    """``NAME[@REVISION] (sha256-v1:...)``."""
+    name = meta.get("model_path") or meta.get("model_dir")
+    revision = f"@{meta['model_revision']}" if meta.get("model_revision") else ""
+    return f"{name}{revision} ({meta.get('model_fingerprint') or 'no fingerprint'})"
+
+
+def _same_place(saved: dict, current: dict) -> bool:
+    """The base is named as before: the same name, or another name of the same local directory (``m``, ``/a/m``)."""
+    if saved.get("model_path") == current.get("model_path"):
+        return True
+    a, b = saved.get("model_dir"), current.get("model_dir")
+    return bool(a) and a == b
+
+
+def check_base(saved: dict, current: dict, where, base_moved: bool = False, quiet: bool = False) -> None:
+    """The base model of this run / export (``current``: :data:`BASE_KEYS`) must hold the weights the checkpoint
+    was trained on (``saved``: its meta): another fingerprint is an error, always; the same weights under another
+    name or directory are accepted only with ``base_moved`` (``--base-moved``: the user says the base moved).
+    A checkpoint written before fingerprints were recorded is not checked (said once, unless ``quiet``)."""
+    old, new = saved.get("model_fingerprint"), current.get("model_fingerprint")
+    talk = not quiet and jax.process_index() == 0
+    if not old or not new or old.split(":")[0] != new.split(":")[0]:
+        why = ("does not record its base model's fingerprint (written before base models were fingerprinted)"
+               if not old else f"records its base model's fingerprint as {old}, not comparable with {new}")
+        if talk:
+            print(f"{where}: the checkpoint {why}: not checked that {current.get('model_path')} holds the weights "
+                  f"it was trained on ({saved.get('model_path') or saved.get('model_dir')}); checkpoints written "
+                  "from now on record it", file=sys.stderr)
+        return
+    if old != new:
+        raise UserError(f"{where}: the checkpoint was trained on base model {describe_base(saved)}, but the base "
+                        f"model given now is {describe_base(current)}: other weights; use the base it was trained "
+                        f"on (--config.model.path={saved.get('model_path') or saved.get('model_dir')})")
+    if _same_place(saved, current):
+        return
+    if not base_moved:
+        raise UserError(f"{where}: the checkpoint was trained on base model {describe_base(saved)}; the base "
+                        f"model given now is {describe_base(current)}: the same weights under another name; pass "
+                        "--base-moved to confirm that the base moved, or name it as before")
+    if talk:
+        print(f"base moved: {describe_base(saved)} -> {describe_base(current)} (the same weights)", file=sys.stderr)
 
 
 def read_meta(workdir: storage.PathLike, step: int | None = None) -> tuple[dict, int]:

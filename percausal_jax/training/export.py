@@ -14,7 +14,7 @@ from flax import nnx
 from percausal_jax import storage
 from percausal_jax.config import apply_override
 from percausal_jax.errors import UserError
-from percausal_jax.hf.checkpoint import resolve_model_dir, save_pretrained
+from percausal_jax.hf.checkpoint import resolve_model_dir, save_pretrained, weights_fingerprint
 from percausal_jax.hf.gguf import resolve_model_arg
 from percausal_jax.models.lora import merge_lora
 from percausal_jax.config import RunConfig
@@ -52,16 +52,20 @@ def base_model(meta: dict, model_path: str | None = None, workdir: storage.PathL
                                      allow_patterns=storage.MODEL_PATTERNS, revision=revision)
     except UserError as e:
         raise UserError(f"{workdir}: the run's base model is not on this machine (trained from {trained_dir}; "
-                        f"model.path={name}); pass --config.model.path=DIR. {e}") from None
+                        f"model.path={name}); pass --config.model.path=DIR --base-moved (a DIR with the same "
+                        f"weights). {e}") from None
     return storage.Resolved(name, src.local, revision or src.revision)
 
 
-def restore_model(workdir: storage.PathLike, step: int | None = None, overrides: Sequence[str] = ()):
+def restore_model(workdir: storage.PathLike, step: int | None = None, overrides: Sequence[str] = (),
+                  base_moved: bool = False):
     """Returns ``(model, run, run_config, step)`` with the trained parameters of ``step`` (default: latest).
 
     ``overrides``: ``--config.a.b=v`` items applied to the run's saved config (e.g. ``model.path`` when the base
     model moved). The model is built on every local device (fsdp axis), whatever mesh the run trained on.
-    ``run.model_source`` names the base model as the user did (for exports), with its local directory."""
+    ``run.model_source`` names the base model as the user did (for exports), with its local directory.
+    The base found must hold the weights the run trained on (:func:`checkpoints.check_base`): another fingerprint
+    is an error; the same weights under another name (a ``model.path`` override) need ``base_moved``."""
     _check_workdir(workdir)
     meta, step = checkpoints.read_meta(workdir, step)
     cfg = ml_collections.ConfigDict(meta["config"])
@@ -71,6 +75,9 @@ def restore_model(workdir: storage.PathLike, step: int | None = None, overrides:
             path_override = str(cfg.model.path)
     rc = RunConfig.from_config(cfg, where=f"the config of {workdir}")
     source = base_model(meta, path_override, workdir)
+    current = {"model_path": source.name, "model_dir": str(pathlib.Path(source.local).resolve()),
+               "model_revision": source.revision, "model_fingerprint": weights_fingerprint(source.local)}
+    checkpoints.check_base(meta, current, checkpoints.directory(workdir) / str(step), base_moved)
     run = setup.build(rc.with_model_path(source.local), for_export=True)
     run.model_source = source
     run.config = rc = rc.with_model_path(source.name)  # the config handed back names the model as the user did
@@ -81,14 +88,14 @@ def restore_model(workdir: storage.PathLike, step: int | None = None, overrides:
 
 
 def export_checkpoint(workdir: storage.PathLike, out: storage.PathLike, step: int | None = None, dtype=None,
-                      form: str = "full", overrides: Sequence[str] = ()) -> storage.Path:
+                      form: str = "full", overrides: Sequence[str] = (), base_moved: bool = False) -> storage.Path:
     """``form``: ``full`` (a full HF model; LoRA runs are merged into the base), ``merged`` (the same, and an error
     for a run without LoRA), or ``peft`` (a PEFT adapter for the base model, which it names as the user did).
     ``out``: a local directory or a ``gs://`` URL, written atomically (markers last); tokenizer files copied in.
-    Returns the output path."""
+    ``base_moved``: see :func:`restore_model`. Returns the output path."""
     if form not in FORMS:
         raise UserError(f"export form '{form}' is not one of {', '.join(FORMS)}")
-    model, run, rc, _ = restore_model(workdir, step, overrides)
+    model, run, rc, _ = restore_model(workdir, step, overrides, base_moved)
     lora = rc.lora.rank > 0
     if form in ("merged", "peft") and not lora:
         raise UserError(f"{workdir}: --{'merge-lora' if form == 'merged' else 'peft'} needs a LoRA run "

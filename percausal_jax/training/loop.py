@@ -24,6 +24,8 @@ from percausal_jax.data.pipeline import to_global
 from percausal_jax.data.rows import RowLayout, block_length
 from percausal_jax.errors import StorageError, UserError
 from percausal_jax.evaluation import token_nll
+from percausal_jax.hf.checkpoint import resolve_model_dir, weights_fingerprint
+from percausal_jax.hf.gguf import resolve_model_arg
 from percausal_jax.training import checkpoints, processes, setup
 from percausal_jax.training.distributed import Preemption, common_shape
 
@@ -70,9 +72,11 @@ class MetricsWriter:
         self.mirror = atomic.Mirror(workdir, pull=("metrics.jsonl",))
         self.path = self.mirror.local / "metrics.jsonl"
         if self.path.is_file():
-            keep = [line for line in self.path.read_text().splitlines(keepends=True)
+            lines = self.path.read_text().splitlines(keepends=True)
+            keep = [line for line in lines
                     if line.strip() and (resume_step is not None and json.loads(line).get("step", 0) <= resume_step)]
-            self.path.write_text("".join(keep))
+            if keep != lines:  # rewritten whole (a temporary file renamed over it): never seen half-rewritten
+                atomic.write_text(self.path, "".join(keep))
         try:
             from tensorboardX import SummaryWriter
 
@@ -185,18 +189,32 @@ class SharedLock:
             self.lock.release()
 
 
-def train(rc: RunConfig, workdir: str | Path, progress: bool = True) -> dict:
-    """Runs (or resumes) a training run, holding the workdir's lock; returns the last logged metrics."""
+def train(rc: RunConfig, workdir: str | Path, progress: bool = True, base_moved: bool = False) -> dict:
+    """Runs (or resumes) a training run, holding the workdir's lock; returns the last step's metrics (``{}`` when it
+    had already finished; ``"preempted": True`` when SIGTERM stopped it before ``train.steps``).
+    ``base_moved``: a resumed run may name its base model differently (another ``model.path``) as long as it holds
+    the same weights (:func:`checkpoints.check_base`); other weights are refused either way."""
     if not rc.data.train:
         raise UserError("data.train is not set (--config.data.train=FILE)")
     with SharedLock(workdir) as lock:
-        return _train(rc, storage.path(workdir), progress, lock)
+        return _train(rc, storage.path(workdir), progress, lock, base_moved)
 
 
-def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock) -> dict:
+def base_identity(model_path: str) -> dict:
+    """The base model ``model_path`` names, as a checkpoint records it (:data:`checkpoints.BASE_KEYS`): the name
+    as given, its local directory, hub commit (or None) and content fingerprint."""
+    source = resolve_model_dir(resolve_model_arg(model_path))
+    return {"model_path": model_path, "model_dir": str(Path(source.local).resolve()),
+            "model_revision": source.revision, "model_fingerprint": weights_fingerprint(source.local)}
+
+
+def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock, base_moved: bool = False) -> dict:
     d, t = rc.data, rc.train
     processes.check_agree({"the config": rc.source})  # before any process acts on its own copy
-    checkpoints.check_resumable(workdir, setup.layout(rc, setup.preflight(rc)))  # before data and weights
+    model_config = setup.preflight(rc)
+    base = base_identity(rc.model.path)
+    processes.check_agree({"the base model's weights": base["model_fingerprint"]})  # every host's copy the same
+    checkpoints.check_resumable(workdir, setup.layout(rc, model_config), base, base_moved)  # before data, weights
     train_records = setup.open_records(d, d.train, "data.train")  # bad data fails before the model loads
     eval_records = setup.open_records(d, d.eval, "data.eval") if d.eval else None
     contriever = setup.retriever(d, train_records, eval_records)
@@ -211,11 +229,9 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock) -> dict:
     state = run.init_state()
     ref_params = run.reference_params()
     iterator = run.data_iterator(train_records)
-    meta = {"config": rc.source, "layout": run.layout(), "model_config": run.model_config.to_hf(),
-            "model_dir": str(Path(run.model_dir).resolve()), "model_path": rc.model.path,
-            "model_revision": run.model_source.revision}
+    meta = {"config": rc.source, "layout": run.layout(), "model_config": run.model_config.to_hf(), **base}
     mngr = checkpoints.manager(workdir, keep=rc.checkpoint.keep)
-    restored, start = checkpoints.restore(mngr, state, iterator, meta)
+    restored, start = checkpoints.restore(mngr, state, iterator, meta, base_moved=base_moved)
     if restored is not None:
         state = restored
         print(f"resumed from step {start}", file=sys.stderr)
@@ -267,7 +283,8 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             last = rec
-            if stop:
+            if stop and not done:
+                last = {**rec, "preempted": True}
                 print(f"preempted: checkpoint saved at step {step + 1}; re-run the same command to resume",
                       file=sys.stderr)
                 break

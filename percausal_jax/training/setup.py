@@ -11,7 +11,6 @@ shardings, the jitted steps and the FLOP model. ``build(rc, abstract=True, devic
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -317,7 +316,7 @@ def open_records(d: DataSpec, path: str, key: str):
     report = SkipReport()
     records = open_source(path, strict=d.strict, report=report)
     if jax.process_index() == 0:
-        print(f"{key}={path}:\n{report.table()}", file=sys.stderr)
+        report.announce(f"{key}={path}")
     if d.task:
         for i in range(len(records)):
             task = records[i].get("task")

@@ -9,6 +9,7 @@ from tests.helpers import tiny_hf_model, tiny_tokenizer
 from tests.training.common import RECORDS, train_args
 
 NLL_KEYS = ("nll_personal", "nll_generic", "tokens_personal", "tokens_generic")
+STRICT = "(strict: rows with an empty required field are errors; without --strict they are skipped and counted)\n"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_eval_model_dir_writes_predictions_and_metrics(model_and_data, tmp_path,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
 
 
-def test_eval_workdir_uses_the_trained_checkpoint(model_and_data, tmp_path):
+def test_eval_workdir_uses_the_trained_checkpoint(model_and_data, tmp_path, capsys):
     model, data = model_and_data
     work = tmp_path / "run"
     assert cli.main(train_args(model, data, work, "ce", steps=2)) == 0
@@ -46,12 +47,21 @@ def test_eval_workdir_uses_the_trained_checkpoint(model_and_data, tmp_path):
                      "--max-new-tokens", "4", "--no-progress", "--metrics", str(tmp_path / "m.json"),
                      "--task", "LaMP-4"]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"rouge1", "rougeL", "n", *NLL_KEYS} and metrics["n"] == 4
+    assert set(metrics) == {"rouge1", "rougeL", "n", "skipped", "skipped_by_reason", *NLL_KEYS} and metrics["n"] == 4
+    assert metrics["skipped"] == 0 and metrics["skipped_by_reason"] == {}
     # the same trained model on the same records: the train loop's last eval line has the same split
     last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
     for key in NLL_KEYS:
         assert last[f"eval_{key}"] == pytest.approx(metrics[key], rel=1e-4)
     assert last["eval_tokens_personal"] + last["eval_tokens_generic"] == last["eval_tokens"]
+    # the run's data.strict (here an override) applies to the evaluated records: an empty output is an error
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**RECORDS[0], "completion": " "}) + "\n" + json.dumps(RECORDS[1]) + "\n")
+    assert cli.main(["eval", "--workdir", str(work), "--data", str(bad), "--out", str(tmp_path / "b.jsonl"),
+                     "--config.data.strict=true"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {bad}:1: field 'completion': expected a non-empty string, got "
+                                            "string ' ' " + STRICT)
+    assert not (tmp_path / "b.jsonl").exists()
 
 
 def test_eval_bad_data_is_exit_2(model_and_data, tmp_path, capsys):
@@ -70,3 +80,28 @@ def test_config_override_with_model_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "--config.train.steps=3" in err and "--workdir" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_skipped_record_is_reported_and_strict_is_an_error(model_and_data, tmp_path, capsys):
+    """A record with an empty completion: named with its reason on stderr and counted in the metrics, the others
+    evaluated; --strict: exit 2, one line naming file, line and field, nothing written."""
+    model, _ = model_and_data
+    data = tmp_path / "data.jsonl"
+    rows = [RECORDS[0], {**RECORDS[1], "completion": ""}, *RECORDS[2:]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "preds.jsonl"
+    argv = ["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--template", "none",
+            "--max-new-tokens", "6", "--batch-size", "3", "--no-progress", "--task", "product_review", "--no-meteor"]
+    assert cli.main([*argv, "--strict"]) == 2
+    assert capsys.readouterr().err == (
+        f"percausal eval: error: {data}:2: field 'completion': expected a non-empty string, got string '' " + STRICT)
+    assert list(tmp_path.iterdir()) == [data]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err.startswith(f"--data={data}:\n"
+                                              "kept 3, skipped 1\n"
+                                              "  reason              count  first ids\n"
+                                              "  empty_completion        1  r1\n")
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["r0", "r2", "r3"]
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["skipped"] == 1
+    assert metrics["skipped_by_reason"] == {"empty_completion": {"count": 1, "first": ["r1"]}}

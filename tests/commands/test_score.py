@@ -148,3 +148,27 @@ def test_smollm2_end_to_end(smollm2_dir, tmp_path):
     # the signature phrase is what the profile explains: its PIR is far above the generic first token's
     assert zest["pir"][i] > 1.0 and zest["pir"][i] > zest["pir"][0]
     assert "Stay" in page.read_text()
+
+
+def test_skipped_record_is_reported_and_strict_is_an_error(tiny_model_dir, tmp_path, capsys):
+    """A record without its completion: named with its reason on stderr and counted in the summary file, the other
+    scored; --strict: exit 2, one line naming file, line and field, nothing written."""
+    d, _ = tiny_model_dir
+    data = _write(tmp_path / "in.jsonl", [RECORDS[0], {k: v for k, v in RECORDS[1].items() if k != "completion"}])
+    out = tmp_path / "out.jsonl"
+    argv = ["score", "--model", str(d), "--data", str(data), "--out", str(out)]
+    assert cli.main([*argv, "--strict"]) == 2
+    assert capsys.readouterr().err == (
+        f"percausal score: error: {data}:2: field 'completion': missing; expected a non-empty string (strict: rows "
+        "with an empty required field are errors; without --strict they are skipped and counted)\n")
+    assert list(tmp_path.iterdir()) == [data]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"--data={data}:\n"
+                                   "kept 1, skipped 1\n"
+                                   "  reason              count  first ids\n"
+                                   "  empty_completion        1  b\n")
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a"]
+    assert json.loads((tmp_path / "out.summary.json").read_text()) == {
+        "scored": 1, "skipped": 1, "skipped_by_reason": {"empty_completion": {"count": 1, "first": ["b"]}}}
+    assert captured.out.startswith("scored 1 examples, skipped 1 records -> ")

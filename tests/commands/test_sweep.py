@@ -29,7 +29,8 @@ def _flag(argv, name):
 
 
 class FakeRuns:
-    """Stands in for `percausal train` / `percausal eval` (sweep._call): writes the files they would write."""
+    """Stands in for `percausal train` / `percausal eval` (sweep._train, sweep._call): writes the files they would
+    write."""
 
     def __init__(self, val: Path, test: Path):
         self.val, self.test, self.calls, self.cells = str(val), str(test), [], {}
@@ -67,6 +68,8 @@ def fake(tmp_path, monkeypatch):
         (tmp_path / f"{name}.jsonl").write_text(json.dumps({**RECORDS[0], "personal_spans": [[2, 12]]}) + "\n")
     runs = FakeRuns(tmp_path / "val.jsonl", tmp_path / "test.jsonl")
     monkeypatch.setattr(sweep, "_call", runs)
+    monkeypatch.setattr(sweep, "_train", lambda args, work, overrides, what: runs(
+        ["train", "--config", args.config, "--workdir", work, *overrides], what))
     argv = ["sweep", "--config", "configs/tiny.py", "--out", str(tmp_path / "sw"), "--train",
             str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--test", str(tmp_path / "test.jsonl"),
             "--objectives", "ce,perce[clip_max=2]", "--lrs", "1e-4,3e-3", "--seeds", "0,1"]
@@ -131,6 +134,26 @@ def test_a_finished_sweep_is_not_rerun_and_another_sweep_is_refused(fake, capsys
     capsys.readouterr()
     assert cli.main([*argv, "--max-new-tokens", "5"]) == 2
     assert "holds a cell of another sweep" in capsys.readouterr().err
+
+
+def test_skipped_records_are_reported_and_strict_stops_before_training(fake, capsys):
+    """--test with a record without output: the sweep's table names it (and the evaluations get --strict only when
+    asked); --strict (or --config.data.strict=true): exit 2, one line naming file, line and field, nothing run."""
+    runs, argv, out = fake
+    test = Path(_flag(argv, "--test"))
+    test.write_text(test.read_text() + json.dumps({**RECORDS[1], "completion": None}) + "\n")
+    for strict in (["--strict"], ["--config.data.strict=true"]):
+        assert cli.main([*argv, *strict]) == 2
+        assert capsys.readouterr().err == (
+            f"percausal sweep: error: {test}:2: field 'completion': expected a non-empty string, got null (strict: "
+            "rows with an empty required field are errors; without --strict they are skipped and counted)\n")
+        assert runs.calls == [] and not out.exists()
+    assert cli.main([*argv, "--seeds", "0"]) == 0
+    assert (f"--test={test}:\n"
+            "kept 1, skipped 1\n"
+            "  reason              count  first ids\n"
+            "  empty_completion        1  r1\n") in capsys.readouterr().err
+    assert not any("--strict" in a for a in runs.calls)
 
 
 def test_select_nll_needs_no_generation_on_validation(fake):

@@ -357,3 +357,109 @@ def test_auto_on_this_host_is_blocked_and_unknown_names_fail():
     with pytest.raises(ValueError, match="attention_impl"):
         CausalLM(_cfg(), attention_impl="flash")
     assert set(CHOICES["model.attention_impl"]) == set(layers.ATTENTION_IMPLEMENTATIONS)
+
+
+# ------------------------------------------------------------------------- blocked kernel vs an independent mask
+
+def _rows_by_hand():
+    """Three rows of 77 tokens, segment ids and positions written out: row 0 left-padded (9) then one sequence;
+    row 1 packed (ids 1, 2, 3 of 20, 25, 25 tokens) then right padding (7); row 2 ids 5, 2, then 5 again (a
+    sequence continued after another one: its positions go on from 25), then padding (17)."""
+    seg = np.zeros((B, L), np.int32)
+    pos = np.zeros((B, L), np.int32)
+    seg[0, 9:], pos[0, 9:] = 1, np.arange(68)
+    seg[1, :20], pos[1, :20] = 1, np.arange(20)
+    seg[1, 20:45], pos[1, 20:45] = 2, np.arange(25)
+    seg[1, 45:70], pos[1, 45:70] = 3, np.arange(25)
+    seg[2, :25], pos[2, :25] = 5, np.arange(25)
+    seg[2, 25:45], pos[2, 25:45] = 2, np.arange(20)
+    seg[2, 45:60], pos[2, 45:60] = 5, np.arange(25, 40)
+    return seg, pos
+
+
+def _mask_by_the_rule(seg, pos, window):
+    """bool[B, L, L], one (query i, key j) pair at a time, from the rule the model documents: i sees j iff both
+    are in the same non-zero segment, j is not after i (by index), and, with a window, pos_i − pos_j < window."""
+    n_rows, n = seg.shape
+    mask = np.zeros((n_rows, n, n), bool)
+    for b in range(n_rows):
+        for i in range(n):
+            for j in range(n):
+                mask[b, i, j] = (seg[b, i] != 0 and seg[b, j] == seg[b, i] and j <= i
+                                 and (window is None or pos[b, i] - pos[b, j] < window))
+    return mask
+
+
+def _softmax_attention_np(q, k, v, mask, scale, softcap):
+    """float64 numpy, one row, head and query at a time; query head h reads key/value head h // (H / K)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    out = np.zeros(q.shape)
+    group = q.shape[2] // k.shape[2]
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            s = q[b, :, h] @ k[b, :, h // group].T * scale
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
+            for i in range(q.shape[1]):
+                seen = mask[b, i]
+                if seen.any():
+                    p = np.exp(s[i, seen] - s[i, seen].max())
+                    out[b, i, h] = (p / p.sum()) @ v[b, seen, h // group]
+    return out
+
+
+def _softmax_attention_jnp(q, k, v, mask, scale, softcap):
+    """The same in jnp (differentiable), with K/V repeated per query head."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    s = jnp.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(jnp.asarray(mask)[:, None], s, -1e30)
+    return jnp.einsum("bhij,bjhd->bihd", jax.nn.softmax(s, axis=-1), v)
+
+
+INDEPENDENT_CASES = {  # name: (softcap, window, sliding, (block_q, block_kv))
+    "causal_13x7": (None, None, False, (13, 7)),
+    "window_16x16": (None, 6, True, (16, 16)),
+    "window_off_64x512": (None, 6, False, (64, 512)),
+    "window_softcap_16x32": (1.5, 5, True, (16, 32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEPENDENT_CASES))
+def test_blocked_kernel_against_a_mask_written_from_segments_and_positions(case):
+    """The blocked kernel (forward and gradients) against plain softmax attention under a mask written pair by
+    pair from segment ids and positions (not from ``tile_mask``, which the dense kernel shares): left padding,
+    packed rows, a sequence continued after another (window by position, not by index), soft-capping, GQA."""
+    softcap, window, sliding, blocks = INDEPENDENT_CASES[case]
+    seg, pos = _rows_by_hand()
+    mask = _mask_by_the_rule(seg, pos, window if sliding else None)
+    # the rule's consequences, spelled out: padding sees and is seen by nothing; row 2's second run of id 5
+    # (index 45, position 25) sees the first run, with a window of 6 only its positions (= indices) 20–24
+    assert not mask[0, :9].any() and not mask[0, :, :9].any() and not mask[1, 70:].any()
+    assert mask[2, 45, :25].sum() == (window - 1 if sliding else 25) and not mask[2, 45, 25:45].any()
+    np.testing.assert_array_equal(np.asarray(layers.attention_mask(jnp.asarray(seg), jnp.asarray(pos), sliding,
+                                                                   window))[:, 0], mask)
+    q, k, v = _qkv(5)
+    valid = (seg > 0)[:, :, None, None]
+    w = jnp.asarray(np.random.RandomState(6).randn(B, L, H, DH), jnp.float32)
+
+    def blocked(q, k, v):
+        return layers.blocked_attention(q, k, v, jnp.asarray(seg), jnp.asarray(pos), scale=0.3, softcap=softcap,
+                                        window=window, sliding=sliding, block_q=blocks[0], block_kv=blocks[1])
+
+    def reference(q, k, v):
+        return _softmax_attention_jnp(q, k, v, mask, 0.3, softcap)
+
+    out = np.asarray(blocked(q, k, v))
+    expect = _softmax_attention_np(q, k, v, mask, 0.3, softcap)
+    np.testing.assert_allclose(out * valid, expect * valid, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(reference(q, k, v)) * valid, expect * valid, atol=2e-6, rtol=0)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * w * valid)  # padding rows' outputs are read by nobody
+
+    for a, b in zip(jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6, rtol=0)

@@ -211,23 +211,6 @@ def from_config_error(block, where="objective") -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("name", list(ALL))
-def test_default_config_round_trips_to_dataclass_defaults(name):
-    block = registry.default_config()
-    # every method's block holds exactly its dataclass's fields, at their defaults and of their types
-    for n, cls in ALL.items():
-        defaults = dataclasses.asdict(cls())
-        assert dict(block[n]) == defaults, n
-        assert all(type(block[n][k]) is type(v) for k, v in defaults.items()), n
-    block.name = name
-    obj = registry.from_config(block)
-    assert type(obj) is ALL[name] and obj == ALL[name]()
-
-
-def test_default_config_selects_perce():
-    assert registry.from_config(registry.default_config()) == PerCE()
-
-
 def test_from_config_reads_the_named_block():
     block = registry.default_config()
     block.name = "nextquill"

@@ -173,11 +173,15 @@ def test_moved_base_model_with_config_override(run, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "--config.model.path" in err and HUB_ID in err, err
         assert not (tmp_path / "x").exists()
         out = tmp_path / "adapter"
+        # another name for the base: refused until --base-moved says so (the weights are checked either way)
         assert cli.main(["export", "--workdir", str(run["work"]), "--out", str(out), "--peft",
-                         f"--config.model.path={moved}"]) == 0
+                         f"--config.model.path={moved}"]) == 2
+        assert "--base-moved" in capsys.readouterr().err and not out.exists()
+        assert cli.main(["export", "--workdir", str(run["work"]), "--out", str(out), "--peft",
+                         f"--config.model.path={moved}", "--base-moved"]) == 0
         full = tmp_path / "full"
         assert cli.main(["export", "--workdir", str(run["work"]), "--out", str(full),
-                         f"--config.model.path={moved}"]) == 0
+                         f"--config.model.path={moved}", "--base-moved"]) == 0
     finally:
         moved.rename(run["snapshot"])
     config = json.loads((out / "adapter_config.json").read_text())
@@ -283,3 +287,51 @@ def test_config_has_legacy_keys_and_both_layouts_load_identically(family, tmp_pa
         reloaded = AutoModelForCausalLM.from_pretrained(str(d)).eval()
         np.testing.assert_allclose(torch_logits(reloaded, IDS), logits, atol=1e-5, rtol=0, err_msg=str(d))
         assert pj.load_pretrained(d).config == ours.config
+
+
+def test_export_round_trip_without_layer_scan(run, tmp_path):
+    """The same LoRA run trained with ``model.scan_layers=false`` (one module per layer, no stacked parameters):
+    ``export`` (full, merged and PEFT) gives tensors named per layer as the scanned run's; each merged weight is the
+    base weight plus alpha/r · B·A of the exported adapter, computed here from the files; transformers loads the
+    full export, and PEFT the adapter on the base, and both compute the restored model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rank, alpha = 4, 16.0
+    cfg = load_config("configs/tiny.py", [
+        f"--config.model.path={HUB_ID}", f"--config.data.train={run['data']}", "--config.data.eval=",
+        "--config.train.steps=3", "--config.train.global_batch_size=4", "--config.train.grad_accum_steps=1",
+        "--config.data.shuffle=false", "--config.optimizer.schedule=constant", "--config.optimizer.lr=1e-2",
+        f"--config.lora.rank={rank}", f"--config.lora.alpha={alpha}", "--config.lora.targets=q_proj,v_proj,down_proj",
+        "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.model.scan_layers=false"])
+    work = tmp_path / "run"
+    train(RunConfig.from_config(cfg), work, progress=False)
+    model, r, _, _ = restore_model(work)
+    assert r.config.model.scan_layers is False
+    logits = np.asarray(model(IDS))
+
+    full, merged, adapter = tmp_path / "full", tmp_path / "merged", tmp_path / "adapter"
+    for out, extra in ((full, []), (merged, ["--merge-lora"]), (adapter, ["--peft"])):
+        assert cli.main(["export", "--workdir", str(work), "--out", str(out), *extra]) == 0
+    weights, base = load_file(full / "model.safetensors"), load_file(run["src"] / "model.safetensors")
+    assert set(weights) == set(_merged_reference(run))  # per-layer names, as exported from the scanned run
+    merged_weights = load_file(merged / "model.safetensors")
+    for name in weights:
+        np.testing.assert_array_equal(merged_weights[name], weights[name])
+    lora = load_file(adapter / "adapter_model.safetensors")
+    assert set(lora) == set(adapter_tensors(run["model"]))
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == rank
+    targets = sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight"))
+    assert len(targets) == 3 * 2  # q_proj, v_proj, down_proj of both layers
+    for t in targets:
+        a, b = lora[f"base_model.model.{t}.lora_A.weight"], lora[f"base_model.model.{t}.lora_B.weight"]
+        assert np.abs(b).max() > 0  # trained (B starts at zero)
+        np.testing.assert_allclose(weights[f"{t}.weight"], base[f"{t}.weight"] + alpha / rank * (b @ a),
+                                   atol=1e-6, rtol=0, err_msg=t)
+    for name in set(weights) - {f"{t}.weight" for t in targets}:  # the rest is the base, untouched
+        np.testing.assert_array_equal(weights[name], base[name], err_msg=name)
+    hf = AutoModelForCausalLM.from_pretrained(str(full)).eval()
+    np.testing.assert_allclose(torch_logits(hf, IDS), logits, atol=1e-5, rtol=0)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(run["src"])).eval(),
+                                           str(adapter)).eval()
+    np.testing.assert_allclose(torch_logits(peft_model, IDS), logits, atol=1e-5, rtol=0)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from percausal_jax import cli, storage
@@ -21,10 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 # a second process that takes the lock, says so, and holds it until its stdin closes
 HOLD = ("import sys; from percausal_jax.lock import WorkdirLock; lock = WorkdirLock(sys.argv[1]).acquire(); "
         "print('held', flush=True); sys.stdin.read(); lock.release()")
-# a process that tries once and prints whether it got the lock (holding it until stdin closes)
-TRY = ("import sys; from percausal_jax.errors import UserError; from percausal_jax.lock import WorkdirLock\n"
-       "try:\n    lock = WorkdirLock(sys.argv[1]).acquire(); print('won', flush=True); sys.stdin.read()\n"
-       "except UserError as e:\n    print('lost', e, flush=True)\n")
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -105,16 +102,84 @@ def test_a_live_holder_is_not_taken_over(workdir, case):
     assert read_holder(workdir)["nonce"] == "n"
 
 
-@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
-def test_concurrent_takers_get_the_lock_exactly_once(workdir, stale):
-    if stale:
-        _write_lock(workdir, pid=_dead_pid())
-    procs = [_python(TRY, workdir) for _ in range(3)]
-    lines = [p.stdout.readline().strip() for p in procs]
-    for p in procs:
-        p.communicate("", timeout=60)
-    assert sum(line == "won" for line in lines) == 1, lines
-    assert all(line == "won" or line.startswith("lost") for line in lines), lines
+# Takers that start together: each waits for the round's barrier file (polling every 0.5 ms) and then tries the
+# round's workdir once, printing the monotonic time it left the barrier; the winner holds the lock until the round's
+# end file appears. One process per taker for all rounds (a Python start-up per round would not fit the time).
+TAKER = r"""
+import os, sys, time
+from percausal_jax.errors import UserError
+from percausal_jax.lock import WorkdirLock
+
+def wait_for(name):
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(sys.argv[1], name)):
+        if time.monotonic() > deadline:
+            sys.exit(f"no {name} in 120 s")
+        time.sleep(0.0005)
+
+for r, workdir in enumerate(sys.argv[2:]):
+    print("ready", flush=True)
+    wait_for(f"go-{r}")
+    t, lock = time.monotonic(), None
+    try:
+        lock = WorkdirLock(workdir).acquire()
+        print("won", t, time.monotonic(), flush=True)
+    except UserError as e:
+        print("lost", t, time.monotonic(), e, flush=True)
+    wait_for(f"end-{r}")
+    if lock is not None:
+        lock.release()
+    print("done", flush=True)
+"""
+ROUNDS, TAKERS = 20, 4
+
+
+def test_concurrent_takers_get_the_lock_exactly_once(workdir, tmp_path):
+    """20 rounds, each on a fresh workdir (free in even rounds; in odd ones holding a dead run's lock, which all
+    try to take over): 4 processes released together by a barrier file (once all said they wait) race for it;
+    exactly one writes the lock and holds it, the others are told it is in use by another run; the winner's release
+    leaves no lock."""
+    rounds = [f"{workdir}-{r}" for r in range(ROUNDS)]
+    dead = _dead_pid()
+    for w in rounds[1::2]:
+        _write_lock(w, pid=dead)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_python(TAKER, str(barrier), *rounds) for _ in range(TAKERS)]
+
+    def lines():
+        out = [p.stdout.readline().strip() for p in procs]
+        assert all(out), [p.stderr.read()[-2000:] for p, line in zip(procs, out) if not line]
+        return out
+
+    spreads, raced = [], 0
+    try:
+        for r, w in enumerate(rounds):
+            assert lines() == ["ready"] * TAKERS
+            (barrier / f"go-{r}").touch()
+            results = [line.split(" ", 3) for line in lines()]
+            winners = [p.pid for p, res in zip(procs, results) if res[0] == "won"]
+            assert len(winners) == 1, (r, results)
+            assert all(res[0] == "won" or (res[0] == "lost" and "in use by another run" in res[3])
+                       for res in results), (r, results)
+            assert read_holder(w)["pid"] == winners[0]
+            starts = [float(res[1]) for res in results]
+            spreads.append(max(starts) - min(starts))
+            won_at = next(float(res[2]) for res in results if res[0] == "won")
+            raced += any(res[0] == "lost" and float(res[1]) < won_at for res in results)
+            (barrier / f"end-{r}").touch()
+            assert lines() == ["done"] * TAKERS
+            assert read_holder(w) is None, r
+        for p in procs:
+            assert p.wait(timeout=60) == 0, p.stderr.read()[-2000:]
+        assert raced >= ROUNDS // 4, f"only {raced} rounds had a loser start before the winner held the lock"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"barrier release spread: median {np.median(spreads) * 1e3:.1f} ms, max {max(spreads) * 1e3:.1f} ms; "
+          f"{raced} of {ROUNDS} rounds had a loser start before the winner held the lock")
 
 
 def test_heartbeat_advances_and_a_lost_lock_is_noticed(workdir):
