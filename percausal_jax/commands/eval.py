@@ -46,7 +46,6 @@ def run(args) -> int:
     import dataclasses
 
     from percausal_jax import storage
-    from percausal_jax.atomic import write_text
     from percausal_jax.data.featurize import FeaturizeConfig
     from percausal_jax.evaluation.evaluate import (DecodeConfig, generate_for_records, read_eval_records, score,
                                                    teacher_forced_nll)
@@ -85,12 +84,26 @@ def run(args) -> int:
     # with personal_spans: teacher-forced NLL of the references' personal / generic tokens (nll_personal, ...)
     result.update(teacher_forced_nll(model, tokenizer, records, fcfg, args.batch_size, chunk))
     result.update(skips.summary())  # of the whole --data file (before --limit)
-    out = storage.path(args.out)  # local or gs://; each file written whole
-    write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
-    metrics_path = storage.path(args.metrics) if args.metrics else out.with_suffix(".metrics.json")
-    write_text(metrics_path, json.dumps(result, indent=2) + "\n")
+    write_pair(storage.path(args.out), storage.path(args.metrics) if args.metrics else None, rows, result)
     print(json.dumps(result))
     return 0
+
+
+def write_pair(out, metrics_path, rows: list[dict], result: dict) -> None:
+    """Predictions, then the metrics, each written whole (local or gs://). The metrics are written last and name
+    the predictions' SHA-256 (``predictions_sha256``), and an older metrics file is removed first: a reader that
+    finds the metrics finds the predictions they describe; predictions without metrics are an unfinished eval."""
+    import hashlib
+
+    from percausal_jax.atomic import write_text
+
+    metrics_path = metrics_path or out.with_suffix(".metrics.json")
+    predictions = "".join(json.dumps(r) + "\n" for r in rows)
+    result["predictions_sha256"] = hashlib.sha256(predictions.encode()).hexdigest()
+    if metrics_path.exists():
+        metrics_path.unlink()
+    write_text(out, predictions)
+    write_text(metrics_path, json.dumps(result, indent=2) + "\n")
 
 
 def _run_strict(args) -> bool:

@@ -1,5 +1,6 @@
 """`percausal eval`: predictions and metrics files, for a model directory and for a training run."""
 
+import hashlib
 import json
 
 import pytest
@@ -47,7 +48,9 @@ def test_eval_workdir_uses_the_trained_checkpoint(model_and_data, tmp_path, caps
                      "--max-new-tokens", "4", "--no-progress", "--metrics", str(tmp_path / "m.json"),
                      "--task", "LaMP-4"]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"rouge1", "rougeL", "n", "skipped", "skipped_by_reason", *NLL_KEYS} and metrics["n"] == 4
+    assert set(metrics) == {"rouge1", "rougeL", "n", "skipped", "skipped_by_reason", "predictions_sha256",
+                            *NLL_KEYS} and metrics["n"] == 4
+    assert metrics["predictions_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()  # the pair belongs together
     assert metrics["skipped"] == 0 and metrics["skipped_by_reason"] == {}
     # the same trained model on the same records: the train loop's last eval line has the same split
     last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
@@ -105,3 +108,24 @@ def test_skipped_record_is_reported_and_strict_is_an_error(model_and_data, tmp_p
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["skipped"] == 1
     assert metrics["skipped_by_reason"] == {"empty_completion": {"count": 1, "first": ["r1"]}}
+
+
+def test_metrics_are_written_last_and_an_old_pair_never_passes_for_a_new_one(tmp_path, monkeypatch):
+    """A failure between the two writes leaves the new predictions and no metrics (not the previous eval's)."""
+    from percausal_jax import atomic
+    from percausal_jax.commands import eval as eval_cmd
+
+    out, metrics = tmp_path / "p.jsonl", tmp_path / "p.metrics.json"
+    eval_cmd.write_pair(out, None, [{"id": "a", "prediction": "x"}], {"n": 1})
+    assert json.loads(metrics.read_text())["predictions_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    real = atomic.write_text
+
+    def fail_on_metrics(path, text):
+        if str(path).endswith(".metrics.json"):
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(atomic, "write_text", fail_on_metrics)
+    with pytest.raises(OSError):
+        eval_cmd.write_pair(out, None, [{"id": "b", "prediction": "y"}], {"n": 1})
+    assert json.loads(out.read_text())["id"] == "b" and not metrics.exists()
