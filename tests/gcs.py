@@ -88,13 +88,16 @@ class GcsServer:
 class KillSwitch:
     """A loopback TCP relay in front of a :class:`GcsServer` that kills the server the moment a request names
     ``trigger`` (e.g. an object of one checkpoint step): the server process dies mid-request, the relay drops every
-    connection and stops listening, so a client sees exactly what a storage outage looks like. ``fired`` is set
-    once it has happened. Clients point their emulator variables at ``url``."""
+    connection, so a client sees exactly what a storage outage looks like. ``fired`` is set once it has happened.
+    ``outage_s=None``: the relay stops listening for good; a number: for that many seconds every new connection is
+    reset, then the server restarts (with the filesystem backend, holding what it had stored) and the relay serves
+    again (``restored`` is set). Clients point their emulator variables at ``url``."""
 
-    def __init__(self, server: GcsServer, trigger: str):
+    def __init__(self, server: GcsServer, trigger: str, outage_s: float | None = None):
         import threading
 
         self.server, self.trigger, self.fired = server, trigger, threading.Event()
+        self.outage_s, self.restored = outage_s, threading.Event()
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -107,11 +110,14 @@ class KillSwitch:
     def _accept(self) -> None:
         import threading
 
-        while not self.fired.is_set():
+        while not self.fired.is_set() or self.outage_s is not None:
             try:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.fired.is_set() and not self.restored.is_set():  # the outage: connection refused
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.server.port))
             except OSError:
@@ -128,7 +134,7 @@ class KillSwitch:
         needle = self.trigger.encode()
         try:
             while data := src.recv(65536):
-                if watch and needle in unquote_to_bytes(data):  # names are %-encoded in URLs
+                if watch and not self.fired.is_set() and needle in unquote_to_bytes(data):  # %-encoded
                     self._fire()
                     return
                 dst.sendall(data)
@@ -147,13 +153,23 @@ class KillSwitch:
                 return
             self.server.stop()
             self.fired.set()
-            self.listener.close()
+            if self.outage_s is None:
+                self.listener.close()
             for c in self._conns:
                 try:
                     c.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 c.close()
+            self._conns = []
+        if self.outage_s is not None:
+            import threading
+
+            threading.Timer(self.outage_s, self._restore).start()
+
+    def _restore(self) -> None:
+        self.server.start()
+        self.restored.set()
 
 
 def upload_tree(local: Path, url: str) -> str:

@@ -136,10 +136,52 @@ def directory(workdir: storage.PathLike) -> storage.Path:
     return (root if storage.is_remote(root) else root.resolve()) / "checkpoints"
 
 
+class _BackgroundStorageFailures(logging.Filter):
+    """Drops the ERROR logs (with tracebacks) of a storage failure in Orbax's background save threads — Orbax's own
+    (on the absl logger) and asyncio's "Future exception was never retrieved" for the writes of the same failed
+    save: the exception reaches the main thread at the next save or wait, which reports it once
+    (:func:`storage_errors`). Anything else, and every failure that is not the storage's, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = "orbax" in record.pathname or record.name == "asyncio"
+        if record.levelno < logging.ERROR or not ours:
+            return True
+        e = record.exc_info[1] if record.exc_info else None
+        return storage_cause(e if e is not None else Exception(record.getMessage())) is None
+
+
+def _late_write_callbacks(hook):
+    """An unraisable-exception hook that drops "Event loop is closed" from ``call_soon_threadsafe``: the completion
+    of a tensorstore write arriving after Orbax closed the event loop of a save that had already failed (the
+    failure itself is reported, once). Every other unraisable exception goes to ``hook``."""
+
+    def quiet(u):
+        frame = u.exc_traceback
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        late = (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+                and frame is not None and "asyncio" in frame.tb_frame.f_code.co_filename)
+        if not late:
+            hook(u)
+
+    quiet.percausal = True
+    return quiet
+
+
+def _quiet_background_failures() -> None:
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BackgroundStorageFailures) for f in logger.filters):
+            logger.addFilter(_BackgroundStorageFailures())
+    if not getattr(sys.unraisablehook, "percausal", False):
+        sys.unraisablehook = _late_write_callbacks(sys.unraisablehook)
+
+
 def manager(workdir: storage.PathLike, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     """Orbax manager over ``WORKDIR/checkpoints``; on an object store a step counts once its
     ``commit_success.txt`` is written, so a partial save is never taken as the latest."""
     _bound_gcs_retries()
+    _quiet_background_failures()
     return ocp.CheckpointManager(
         directory(workdir), item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

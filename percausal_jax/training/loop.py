@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import sys
@@ -305,9 +304,6 @@ def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock, base_moved:
             writer.close(upload=not storage_failed)  # nothing more is sent to a storage known to be failing
             bar.close()
             if storage_failed:
-                # the failed save's write tasks end later and log the same failure again ("Task exception was
-                # never retrieved"); it is reported once, in the error line
-                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 lock.abandon()  # left for the next run to take over (this pid will be gone)
     return last
 

@@ -1,10 +1,12 @@
 """A disk that fills up during ``prepare``, a checkpoint and ``export``. Where this process may mount (root, as in
 CI's container), the output lives on a small tmpfs: a real "No space left on device" (ENOSPC) from the kernel,
 whatever the file sizes. Elsewhere a child process under ``ulimit -f`` stands in (EFBIG, "File too large", and
-files under the limit still get written); the tests' ids say which ran (``tmpfs-ENOSPC`` / ``rlimit-EFBIG``). Each
-command exits 3 with one line (train: after tracebacks of Orbax's background threads), and leaves no half-written file that a later command would read:
-prepare's output does not exist, no checkpoint step is committed, the export directory does not exist. With room
-again (the tmpfs remounted larger, or no limit), the same command succeeds."""
+files under the limit still get written); the tests' ids say which ran (``tmpfs-ENOSPC`` / ``rlimit-EFBIG``;
+``DISK_FULL_MODE=rlimit-EFBIG`` forces the proxy where mounting works). Each command (prepare, train's checkpoint,
+export, eval) exits 3 with one line and no traceback, and leaves no half-written file that a later command would
+read: prepare's output does not exist, no checkpoint step is committed, the export directory does not exist, eval
+wrote neither predictions nor metrics. With room again (the tmpfs remounted larger, or no limit), the same command
+succeeds."""
 
 import contextlib
 import json
@@ -40,7 +42,7 @@ def _can_mount() -> bool:
         probe.rmdir()
 
 
-MODE = "tmpfs-ENOSPC" if _can_mount() else "rlimit-EFBIG"
+MODE = os.environ.get("DISK_FULL_MODE") or ("tmpfs-ENOSPC" if _can_mount() else "rlimit-EFBIG")
 FULL = {"tmpfs-ENOSPC": "No space left on device", "rlimit-EFBIG": "File too large"}[MODE]
 
 
@@ -48,14 +50,14 @@ class Disk:
     """``path`` on a disk of ``size`` bytes (a tmpfs), or, where mounting is refused, a ``ulimit -f`` for the
     commands run through :meth:`run`; :meth:`make_room` lifts either."""
 
-    def __init__(self, path: Path, size: int):
-        self.path, self.limited = path, True
+    def __init__(self, path: Path, size: int, limit: int = LIMIT):
+        self.path, self.limited, self.limit = path, True, limit
         path.mkdir(parents=True, exist_ok=True)
         if MODE == "tmpfs-ENOSPC":
             subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
 
     def run(self, argv):
-        limit = LIMIT if self.limited and MODE == "rlimit-EFBIG" else None
+        limit = self.limit if self.limited and MODE == "rlimit-EFBIG" else None
 
         def cap():
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -63,6 +65,18 @@ class Disk:
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
         return subprocess.run([sys.executable, "-m", "percausal_jax", *map(str, argv)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600, preexec_fn=cap if limit else None)
+
+    def fill(self) -> list[str]:
+        """tmpfs: a file takes every byte left (the names of what is then on the disk); the proxy keeps its limit."""
+        if MODE == "tmpfs-ENOSPC":
+            try:
+                with open(self.path / "filler", "wb", buffering=0) as f:
+                    while True:
+                        f.write(b"\0" * 4096)
+            except OSError:
+                pass
+            return ["filler"]
+        return []
 
     def make_room(self):
         self.limited = False
@@ -75,20 +89,19 @@ class Disk:
 
 
 @contextlib.contextmanager
-def small_disk(path: Path, size: int):
-    disk = Disk(path, size)
+def small_disk(path: Path, size: int, limit: int = LIMIT):
+    disk = Disk(path, size, limit)
     try:
         yield disk
     finally:
         disk.close()
 
 
-def _failed_cleanly(proc, command: str, quiet: bool = True) -> str:
-    """Exit 3 and one error line, the last, naming the operating system's words for it; no traceback. ``quiet=False``
-    (train): Orbax's background save threads and tensorstore's write callbacks, failing before the main thread learns
-    of it, log tracebacks of their own ("Event loop is closed", "_SignalingThread.run() raised") before that line."""
+def _failed_cleanly(proc, command: str) -> str:
+    """Exit 3 and one error line, the last, naming the operating system's words for it; no traceback, nor any other
+    ERROR line (train: not from Orbax's background save threads either)."""
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert not quiet or "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith(f"percausal {command}: error:")]
     assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
     assert FULL in errors[0], errors[0]
@@ -114,13 +127,13 @@ def test_prepare_on_a_full_disk_writes_nothing(tmp_path, mode):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [MODE])
-def test_checkpoint_and_export_on_a_full_disk(setup, tmp_path, mode):
+def test_checkpoint_export_and_eval_on_a_full_disk(setup, tmp_path, mode):
     model_dir, data = setup
     with small_disk(tmp_path / "disk", 256 << 10) as disk, small_disk(tmp_path / "out", 256 << 10) as out:
         work = disk.path / "run"
         argv = train_args(model_dir, data, work, "ce", steps=4, extra=[
             "--config.mesh.fsdp=1", "--config.mesh.tensor=1", "--config.checkpoint.every_steps=2"])
-        line = _failed_cleanly(disk.run(argv), "train", quiet=False)
+        line = _failed_cleanly(disk.run(argv), "train")
         assert "checkpoint" in line and str(work) in line, line
         steps = [p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
         assert steps == []  # nothing committed: a re-run starts from step 0, not from a partial step 2
@@ -135,6 +148,17 @@ def test_checkpoint_and_export_on_a_full_disk(setup, tmp_path, mode):
         out.make_room()
         assert out.run(["export", "--workdir", work, "--out", hf]).returncode == 0
         assert (hf / "config.json").is_file()
+
+        with small_disk(tmp_path / "eval", 64 << 10, limit=256) as ev:
+            before = ev.fill()
+            preds = ev.path / "preds.jsonl"
+            argv = ["eval", "--workdir", work, "--data", data, "--out", preds, "--no-meteor", "--no-progress",
+                    "--max-new-tokens", "16"]
+            _failed_cleanly(ev.run(argv), "eval")
+            assert _files(ev.path) == before  # neither predictions nor metrics, nor a temporary file
+            ev.make_room()
+            assert ev.run(argv).returncode == 0, "room again: the same eval writes both"
+            assert preds.is_file() and (ev.path / "preds.metrics.json").is_file()
 
 
 def test_a_storage_failure_names_the_os_error_first():
@@ -167,3 +191,46 @@ def test_a_rust_writer_s_os_error_in_words_becomes_an_os_error():
     assert isinstance(e, OSError) and e.errno == 28 and e.filename == "/o"
     bug = KeyError("params")
     assert as_os_error(bug, "/o") is bug
+
+
+def test_only_background_storage_failures_are_kept_quiet():
+    """The train path's quiet failure: Orbax's background-thread ERROR logs and asyncio's "never retrieved" logs
+    are dropped when their exception is a storage failure (the main thread reports it once); a bug logged the same
+    way, and any other logger's record, still shows. Late write completions ("Event loop is closed" raised in
+    asyncio) are dropped by the unraisable hook; any other unraisable exception reaches the previous hook."""
+    import logging
+
+    from percausal_jax.training.checkpoints import _BackgroundStorageFailures, _late_write_callbacks
+
+    full = ValueError("RESOURCE_EXHAUSTED: Error writing ... [os_error_code='28']")
+
+    def record(name, path, exc, msg="_SignalingThread.run() raised an exception"):
+        return logging.LogRecord(name, logging.ERROR, path, 1, msg, None, (type(exc), exc, None))
+
+    keep = _BackgroundStorageFailures().filter
+    orbax = "/x/orbax/checkpoint/_src/futures/future.py"
+    assert not keep(record("absl", orbax, full))
+    assert not keep(record("asyncio", "/x/asyncio/base_events.py", full, "Future exception was never retrieved"))
+    assert keep(record("absl", orbax, KeyError("params")))  # a bug in a background thread is not hidden
+    assert keep(record("absl", "/x/elsewhere.py", full))  # nor a storage error someone else logs
+
+    seen = []
+    hook = _late_write_callbacks(seen.append)
+
+    def unraisable(exc):
+        try:
+            import asyncio
+
+            loop = asyncio.new_event_loop()
+            loop.close()
+            if exc is None:
+                loop.call_soon_threadsafe(print)
+            raise exc
+        except BaseException as e:
+            return type("U", (), {"exc_type": type(e), "exc_value": e, "exc_traceback": e.__traceback__})()
+
+    late, other = unraisable(None), unraisable(RuntimeError("Event loop is closed"))
+    hook(late)
+    assert seen == []
+    hook(other)  # same words, raised outside asyncio: passed on
+    assert seen == [other]

@@ -1,9 +1,12 @@
-"""Storage faults: the GCS server killed in the middle of a checkpoint save, and a disk that fills up.
+"""Storage faults: the GCS server killed in the middle of a checkpoint save.
 
 The server is the real ``fake-gcs-server`` (filesystem backend, so its objects survive a restart) behind
-:class:`tests.gcs.KillSwitch`, which kills it the moment a request names the step-4 checkpoint. The run must fail
-with one line (exit 3) after bounded retries, never take the partial step 4 as its latest checkpoint, and, re-run
-once the server is back, resume from step 2 and end exactly where an uninterrupted run ends."""
+:class:`tests.gcs.KillSwitch`, which kills it the moment a request names the step-4 checkpoint.
+- A short outage (a few seconds, then the server is back): with the default retry bound the run rides it out and
+  its losses equal an uninterrupted run's.
+- An outage longer than the bound (here set to one retry, about a second, so that the test need not wait out the
+  default's minute): the run fails with one line (exit 3), never takes the partial step 4 as its latest checkpoint,
+  and, re-run once the server is back, resumes from step 2 and ends exactly where an uninterrupted run ends."""
 
 import json
 import os
@@ -43,12 +46,36 @@ def _one_error_line(stderr: str, code_expected: str) -> str:
     return errors[0]
 
 
-@pytest.mark.slow
-def test_gcs_server_killed_mid_checkpoint_then_resumed_exactly(setup, tmp_path):
-    straight = _run(_argv(setup, tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def expected(setup, tmp_path_factory):
+    """The uninterrupted run's losses (local disk)."""
+    work = tmp_path_factory.mktemp("straight") / "run"
+    straight = _run(_argv(setup, work))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = _losses((tmp_path / "straight" / "metrics.jsonl").read_text())
+    return _losses((work / "metrics.jsonl").read_text())
 
+
+@pytest.mark.slow
+def test_a_short_gcs_outage_mid_checkpoint_is_ridden_out(setup, tmp_path, expected):
+    server = GcsServer(free_port(), root=tmp_path / "gcs").start()
+    try:
+        bucket = server.bucket()
+        switch = KillSwitch(server, "run/checkpoints/4/", outage_s=4.0)
+        env = {"STORAGE_EMULATOR_HOST": switch.url, "TENSORSTORE_GCS_HTTP_URL": switch.url}
+        assert "PERCAUSAL_STORAGE_RETRIES" not in os.environ  # the default bound
+        run = _run(_argv(setup, f"{bucket}/run"), **env)
+        assert switch.fired.is_set() and switch.restored.is_set(), run.stderr[-3000:]
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert _losses(server.read(bucket, "run/metrics.jsonl").decode()) == expected
+        names = server.objects(bucket)
+        assert {f"run/checkpoints/{s}/commit_success.txt" for s in (2, 4, 6)} <= set(names), names
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_gcs_server_killed_mid_checkpoint_then_resumed_exactly(setup, tmp_path, expected):
     server = GcsServer(free_port(), root=tmp_path / "gcs").start()
     try:
         bucket = server.bucket()
