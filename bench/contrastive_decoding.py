@@ -98,7 +98,7 @@ def _call(cli, argv) -> None:
 
 
 def _train(cli, workdir: Path, method: str, data: Path, model_path, steps: int | None) -> None:
-    from percausal_jax.commands.demo import _mesh_overrides
+    from percausal_jax.demo import mesh_overrides as _mesh_overrides
 
     config = REPO / "configs" / "demo.py"
     argv = ["train", "--config", config, "--workdir", workdir, "--no-progress", f"--config.objective.name={method}",

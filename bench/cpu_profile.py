@@ -76,13 +76,13 @@ class Ours:
         import jax
 
         from percausal_jax.data.pairing import shape_of
-        from percausal_jax.data.pipeline import to_global
+        from percausal_jax.data.rows import to_global
         from percausal_jax.training import setup
 
         self.run = setup.build(run_config(*ovr))
         self.state = self.run.init_state()
         self.step = self.run.train_step()
-        self.ref = self.run.reference_params()
+        self.ref = self.run.reference_params
         host = collate_examples(examples)
         self.shapes = shape_of(host)
         self.batch = to_global(host, self.run.mesh)

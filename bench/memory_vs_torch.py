@@ -95,11 +95,11 @@ def worker(spec: dict) -> dict:
                 "optimizer.lr=1e-5", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
                 "optimizer.warmup_ratio=0.0", "optimizer.weight_decay=0.01", "optimizer.grad_clip_norm=1.0",
                 "train.global_batch_size=1", "train.grad_accum_steps=1"))
-            from percausal_jax.data.pipeline import to_global
+            from percausal_jax.data.rows import to_global
 
             batch = to_global(collate_examples(case_examples(run.model_config.vocab_size, Lp, Lc, R)), run.mesh)
             out["attention"] = run.config.model.attention_impl
-            state, ref = run.init_state(), run.reference_params()
+            state, ref = run.init_state(), run.reference_params
             with jax.set_mesh(run.mesh):
                 compiled = run.train_step().lower(state, run.frozen, ref, batch).compile()
             m = compiled.memory_analysis()

@@ -29,7 +29,8 @@ from lengths import LONGLAMP
 
 from percausal_jax.data.featurize import FeaturizeConfig, Kept
 from percausal_jax.data.pairing import PairedExample, shape_of
-from percausal_jax.data.pipeline import ARRAYS, Buckets, Packing, PairedBatchIterator
+from percausal_jax.data.pipeline import PairedBatchIterator
+from percausal_jax.data.shapes import ARRAYS, Buckets, Packing
 from percausal_jax.errors import UserError
 
 

@@ -364,7 +364,7 @@ def main() -> None:
     import jax
     import torch
 
-    from percausal_jax.data.pipeline import to_global
+    from percausal_jax.data.rows import to_global
     from percausal_jax.hf.checkpoint import read_config, resolve_model_dir
     from percausal_jax.hf.gguf import resolve_model_arg
     from percausal_jax.objectives import NextQuill, PerCE, get
@@ -454,7 +454,7 @@ def main() -> None:
         if stats_table is None:
             stats_table, pad_verdict = statistics_of(run, records)
             print(stats_table, pad_verdict, sep="\n", flush=True)
-        ref_params = run.reference_params()
+        ref_params = run.reference_params
         attention = run.config.model.attention_impl
         step_fn = run.train_step()
         streams = {}

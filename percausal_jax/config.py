@@ -1,11 +1,15 @@
 """Configs: loading an ml-collections config file plus ``--config.a.b=value`` overrides, with clear errors, and
-reading it once into the typed :class:`RunConfig` that every command builds its run from."""
+reading it once into the typed :class:`RunConfig` that every command builds its run from.
+
+The typed dataclasses below are the config's only schema: each key is declared once, on its field
+(:func:`~percausal_jax.schema.key`: default, help, choices or bounds), and :func:`default_config` (what
+``configs/base.py`` returns), the checks of :meth:`RunConfig.from_config`, the unknown-key hints and
+:func:`describe_keys` are all read from those declarations."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import importlib.util
 import json
 import sys
@@ -14,7 +18,10 @@ from typing import Any
 
 import ml_collections
 
+from percausal_jax.data.featurize import FeaturizeConfig
 from percausal_jax.errors import UserError
+from percausal_jax.schema import (NONNEGATIVE, POSITIVE, UNIT, Bound, check_bounds, check_choice, closest_hint,
+                                  config_dict, declared, describe, key, like)
 
 
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -66,14 +73,14 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str, source: str = "") 
     parts = key.split(".")
     node = cfg
     for part in parts[:-1]:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise UserError(f"override {item!r}: {source} has no config section '{part}'"
-                            f"{_closest(part, [k for k in node.keys() if isinstance(node[k], ml_collections.ConfigDict)])}")
+        sections = [k for k in node.keys() if isinstance(node[k], ml_collections.ConfigDict)]
+        if part not in sections:
+            raise UserError(f"override {item!r}: {source} has no config section '{part}'{closest_hint(part, sections)}")
         node = node[part]
     if parts[-1] not in node:
         prefix = key.rpartition(".")[0]
         raise UserError(f"override {item!r}: unknown key '{key}' (not in {source})"
-                        f"{_closest(parts[-1], node.keys(), prefix + '.' if prefix else '')}")
+                        f"{closest_hint(parts[-1], node.keys(), prefix + '.' if prefix else '')}")
     old = node[parts[-1]]
     node[parts[-1]] = _parse(raw, old, key)
     return key
@@ -103,57 +110,66 @@ def _parse(raw: str, old, key: str):
 
 # ------------------------------------------------------------------------------------------------ the typed config
 #
-# ``RunConfig.from_config(cfg)`` is the one place a ConfigDict is read: every key of ``configs/base.py`` becomes a
-# typed field below (the defaults live in ``configs/base.py``; the objectives' in their dataclasses). A key that no
-# field reads is an error naming it and the closest valid key; nothing below the spine sees the ConfigDict.
+# ``RunConfig.from_config(cfg)`` is the one place a ConfigDict is read: every key is a field declared below with its
+# default, help and admissible values (the objectives' in their dataclasses, the featurizer's settings in
+# ``FeaturizeConfig``). A key that no field reads is an error naming it and the closest valid key; nothing below the
+# spine sees the ConfigDict.
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    path: str  # HF dir, hub id, gs:// URL, or "embedded"
-    dtype: str  # parameter dtype
-    compute_dtype: str
-    scan_layers: bool
-    remat_policy: str
-    attention_impl: str
+    path: str = key("embedded", 'HF dir, hub id, gs:// URL, or "embedded" (SmolLM2-135M-Instruct)')
+    dtype: str = key("float32", "parameter dtype (a frozen LoRA base may be bfloat16)", choices=DTYPES)
+    compute_dtype: str = key("float32", "activation dtype; log-softmax is always float32", choices=DTYPES)
+    scan_layers: bool = key(True, "one compiled layer body: compile time constant in depth (CPU: False steps 4-5% "
+                                  "faster at 256-512 tokens; bench/RESULTS.md \"CPU profile\")")
+    # as models.decoder.REMAT_POLICIES (not imported: this module stays free of jax)
+    remat_policy: str = key("none", "activation rematerialization (jax.checkpoint policy) of each layer",
+                            choices=("none", "full", "dots", "save_qkv_proj", "minimal"))
+    # as models.layers.ATTENTION_IMPLEMENTATIONS (not imported: this module stays free of jax)
+    attention_impl: str = key("auto", "auto: splash on TPU, cudnn on GPU for bf16/fp16 compute, blocked "
+                                      "(flash-style tiles, no [L, L] mask) elsewhere and where those cannot run "
+                                      "(models.layers.resolve_attention_impl)",
+                              choices=("auto", "xla", "blocked", "cudnn", "splash"))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    train: str
-    eval: str
-    shuffle: bool
-    template: str
-    counterfactual_mode: str
-    retriever: str
-    retriever_path: str
-    retriever_revision: str
-    strict: bool
-    task: str
-    k: int
-    max_prompt_len: int
-    max_response_len: int
-    truncate_response: bool
-    budget_mode: str
-    packing: bool
-    pack_personal_len: int  # packed row capacities (0 = derived); checked against the length limits here
-    pack_counterfactual_len: int
-    pack_response_len: int
-    pack_lookahead: int
-    bucket_multiple: int
-    separator: str
-    enable_thinking: bool
+    """The data keys; the featurizer's settings share ``FeaturizeConfig``'s declarations, with training defaults."""
 
-    def __post_init__(self):
-        from percausal_jax.data.pipeline import check_packing  # UserErrors name data.pack_*
+    train: str = key("", "JSONL / parquet / ArrayRecord of canonical or prompt records")
+    eval: str = key("", "evaluation records (same formats)")
+    shuffle: bool = key(True, "shuffle the training records every epoch")
+    template: str = like(FeaturizeConfig, "template", "chat")
+    counterfactual_mode: str = like(FeaturizeConfig, "counterfactual_mode", "drop")
+    retriever: str = like(FeaturizeConfig, "retriever", "bm25")
+    retriever_path: str = key("", 'contriever encoder: hub id, local or gs:// dir (data.retriever="contriever")')
+    retriever_revision: str = key("", 'hub revision (commit / branch) of retriever_path; "" = main')
+    strict: bool = key(False, "True: a record with an empty required field is an error, not a skip")
+    task: str = key("", 'every record must be of this task (e.g. product_review); "" = any')
+    k: int = like(FeaturizeConfig, "k", 4, bound=Bound(1))
+    max_prompt_len: int = like(FeaturizeConfig, "max_prompt_len", 1024, bound=Bound(1))
+    max_response_len: int = like(FeaturizeConfig, "max_response_len", 512, bound=Bound(1))
+    truncate_response: bool = like(FeaturizeConfig, "truncate_response", True)
+    budget_mode: str = like(FeaturizeConfig, "budget_mode", "drop")
+    packing: bool = key(False, "pack several examples per row: every batch is (B, pack_*_len) rows, one shape")
+    pack_personal_len: int = key(0, "packed personal row capacity; 0 = the longest admissible example "
+                                    "(max_prompt_len + max_response_len - 1) rounded up to bucket_multiple",
+                                 bound=NONNEGATIVE)
+    pack_counterfactual_len: int = key(0, "packed counterfactual row capacity (0 = derived, as above)",
+                                       bound=NONNEGATIVE)
+    pack_response_len: int = key(0, "packed response row capacity (0 = max_response_len rounded up)",
+                                 bound=NONNEGATIVE)
+    pack_lookahead: int = key(64, "examples kept pending for first-fit-decreasing placement (0 = first fit in "
+                                  "order)", bound=NONNEGATIVE)
+    bucket_multiple: int = key(64, "sequence lengths are padded to a multiple of this", bound=Bound(1))
+    separator: str = like(FeaturizeConfig, "separator", "\n")
+    enable_thinking: bool = like(FeaturizeConfig, "enable_thinking", False)
 
-        check_packing(self.max_prompt_len, self.max_response_len, self.pack_personal_len,
-                      self.pack_counterfactual_len, self.pack_response_len, self.pack_lookahead)
-
-    def featurize(self, seed: int):
+    def featurize(self, seed: int) -> FeaturizeConfig:
         """The featurizer's settings (validated there)."""
-        from percausal_jax.data.featurize import FeaturizeConfig
-
         try:
             return FeaturizeConfig(template=self.template, counterfactual_mode=self.counterfactual_mode,
                                    retriever=self.retriever, k=self.k, seed=seed, max_prompt_len=self.max_prompt_len,
@@ -166,53 +182,59 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    steps: int
-    global_batch_size: int
-    grad_accum_steps: int
-    log_every: int
-    eval_every: int
-    eval_batches: int
-    nan_policy: str
-    peak_tflops: float
+    steps: int = key(100, "optimizer steps", bound=Bound(1))
+    global_batch_size: int = key(8, "examples per step, over all devices and micro-batches", bound=Bound(1))
+    grad_accum_steps: int = key(1, "micro-batches per step (divides global_batch_size)", bound=Bound(1))
+    log_every: int = key(1, "steps between metric lines", bound=Bound(1))
+    eval_every: int = key(0, "steps between evaluations; 0 = only at the end (when data.eval is set)",
+                          bound=NONNEGATIVE)
+    eval_batches: int = key(4, "batches per evaluation", bound=Bound(1))
+    nan_policy: str = key("skip", "a non-finite loss: skip the update, or fail the run", choices=("skip", "fail"))
+    peak_tflops: float = key(0.0, "per device, for the MFU estimate (0 = not reported)", bound=NONNEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-    name: str
-    lr: float
-    schedule: str
-    warmup_steps: int
-    warmup_ratio: float
-    min_lr_ratio: float
-    weight_decay: float
-    grad_clip_norm: float
-    b1: float
-    b2: float
-    eps: float
-    momentum: float
+    # training.optim builds from these choices (OPTIMIZERS, SCHEDULES)
+    name: str = key("adamw", "the optimizer", choices=("adamw", "sgd", "adafactor"))
+    lr: float = key(2e-5, "peak learning rate", bound=POSITIVE)
+    schedule: str = key("cosine", "decay after warm-up, to min_lr_ratio·lr", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = key(0, "linear warm-up from 0 (0 = warmup_ratio of the run)", bound=NONNEGATIVE)
+    warmup_ratio: float = key(0.03, "warm-up as a fraction of the run, when warmup_steps is 0", bound=UNIT)
+    min_lr_ratio: float = key(0.0, "final learning rate as a fraction of lr", bound=UNIT)
+    weight_decay: float = key(0.0, "decoupled weight decay (not of biases and norm scales)", bound=NONNEGATIVE)
+    grad_clip_norm: float = key(1.0, "global gradient-norm clip (0 = off)", bound=NONNEGATIVE)
+    b1: float = key(0.9, "adamw β1", bound=Bound(0, 1, high_open=True))
+    b2: float = key(0.999, "adamw β2", bound=Bound(0, 1, high_open=True))
+    eps: float = key(1e-8, "adamw ε", bound=NONNEGATIVE)
+    momentum: float = key(0.0, "sgd momentum (0 = none)", bound=Bound(0, 1, high_open=True))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
+    rank: int = key(0, "LoRA rank; 0 = full fine-tuning", bound=NONNEGATIVE)
+    alpha: float = key(16.0, "LoRA scale numerator (scale = alpha / rank)", bound=POSITIVE)
+    targets: tuple[str, ...] = key(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                   "projections that get adapters")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSpec:
-    every_steps: int
-    keep: int
+    every_steps: int = key(100, "steps between checkpoints", bound=Bound(1))
+    keep: int = key(3, "checkpoints kept", bound=Bound(1))
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
-    data: int
-    fsdp: int
-    tensor: int
-    dcn_data: int
-    dcn_fsdp: int
-    dcn_tensor: int
+    data: int = key(1, "data-parallel axis size (-1 fills the remaining devices)")
+    fsdp: int = key(-1, "fully sharded data-parallel axis size (-1 fills the remaining devices)")
+    tensor: int = key(1, "tensor-parallel axis size (-1 fills the remaining devices)")
+    # ranks of each axis across processes (hosts), the rest within one (MaxText's dcn_*_parallelism). All 1: JAX's
+    # own device order. E.g. tensor=2, dcn_tensor=2: every tensor pair spans two hosts.
+    dcn_data: int = key(1, "ranks of the data axis across processes (hosts)", bound=Bound(1))
+    dcn_fsdp: int = key(1, "ranks of the fsdp axis across processes (hosts)", bound=Bound(1))
+    dcn_tensor: int = key(1, "ranks of the tensor axis across processes (e.g. 2 with tensor=2: every tensor pair "
+                             "spans two hosts)", bound=Bound(1))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -225,57 +247,8 @@ class MeshSpec:
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "optimizer": OptimizerSpec,
             "lora": LoraSpec, "checkpoint": CheckpointSpec, "mesh": MeshSpec}
-CHOICES = {"train.nan_policy": ("skip", "fail"), "model.dtype": ("float32", "bfloat16", "float16"),
-           "model.compute_dtype": ("float32", "bfloat16", "float16"),
-           # as models.layers.ATTENTION_IMPLEMENTATIONS (not imported: this module stays free of jax)
-           "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "splash")}
-
-
-@dataclasses.dataclass(frozen=True)
-class Bound:
-    """The admissible range of a numeric key: ``low`` / ``high`` (None: unbounded), each inclusive or not."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def expected(self, value) -> str:
-        kind = "an integer" if isinstance(value, int) else "a number"
-        if self.high is None:
-            return f"{kind} {'>' if self.low_open else '≥'} {self.low:g}"
-        return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                f"{')' if self.high_open else ']'}")
-
-    def check(self, key: str, value) -> None:
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if too_low or too_high or value != value:  # NaN is out of every range
-            raise UserError(f"{key}={value!r}: expected {self.expected(value)}")
-
-
-_POS, _NONNEG, _UNIT = Bound(0, low_open=True), Bound(0), Bound(0, 1)
-BOUNDS = {  # every numeric key with a limited range (the mesh's -1 = "the remaining devices": _check_mesh)
-    "seed": _NONNEG, "vocab_chunk_size": _NONNEG,
-    "train.steps": Bound(1), "train.global_batch_size": Bound(1), "train.grad_accum_steps": Bound(1),
-    "train.log_every": Bound(1), "train.eval_every": _NONNEG, "train.eval_batches": Bound(1),
-    "train.peak_tflops": _NONNEG,
-    "optimizer.lr": _POS, "optimizer.warmup_steps": _NONNEG, "optimizer.warmup_ratio": _UNIT,
-    "optimizer.min_lr_ratio": _UNIT, "optimizer.weight_decay": _NONNEG, "optimizer.grad_clip_norm": _NONNEG,
-    "optimizer.b1": Bound(0, 1, high_open=True), "optimizer.b2": Bound(0, 1, high_open=True),
-    "optimizer.eps": _NONNEG, "optimizer.momentum": Bound(0, 1, high_open=True),
-    "lora.rank": _NONNEG, "lora.alpha": _POS,
-    "checkpoint.every_steps": Bound(1), "checkpoint.keep": Bound(1),
-    "data.k": Bound(1), "data.max_prompt_len": Bound(1), "data.max_response_len": Bound(1),
-    "data.pack_personal_len": _NONNEG, "data.pack_counterfactual_len": _NONNEG, "data.pack_response_len": _NONNEG,
-    "data.pack_lookahead": _NONNEG, "data.bucket_multiple": Bound(1),
-    "mesh.dcn_data": Bound(1), "mesh.dcn_fsdp": Bound(1), "mesh.dcn_tensor": Bound(1),
-}
-# the objectives' hyper-parameters with a limited range, and pairs that must be ordered (low ≤ high)
-OBJECTIVE_BOUNDS = {"perce": {"clip_min": _NONNEG, "clip_max": _POS},
-                    "nextquill": {"delta": _NONNEG, "high": _UNIT, "low": _UNIT, "alpha": _NONNEG},
-                    "lossce": {"keep_frac": Bound(0, 1, low_open=True)}, "entce": {"max_weight": _POS}}
-OBJECTIVE_ORDER = {"perce": (("clip_min", "clip_max"),), "nextquill": (("low", "high"),)}
+CHOICES = {name: f.metadata["choices"] for section, spec in SECTIONS.items()  # a view of the declarations
+           for name, f in declared(spec, section + ".") if f.metadata["choices"]}
 
 
 def _check_mesh(mesh: MeshSpec) -> None:
@@ -287,16 +260,16 @@ def _check_mesh(mesh: MeshSpec) -> None:
         raise UserError(f"mesh {', '.join(f'{k}={v}' for k, v in sizes.items())}: expected at most one axis of -1")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A training run's whole configuration, typed. ``source`` is the config as JSON (saved with checkpoints, so
     ``export`` / ``eval --workdir`` rebuild the same run)."""
 
-    seed: int
+    seed: int = key(0, "seeds the LoRA initialization, the data order and the random retriever", bound=NONNEGATIVE)
     model: ModelSpec
     data: DataSpec
-    objective: Any  # percausal_jax.objectives.Objective
-    vocab_chunk_size: int
+    objective: Any  # percausal_jax.objectives.Objective: the objective block (objectives.registry)
+    vocab_chunk_size: int  # objective.vocab_chunk_size (declared in objectives.registry.Block)
     train: TrainSpec
     optimizer: OptimizerSpec
     lora: LoraSpec
@@ -311,7 +284,7 @@ class RunConfig:
         top = {"seed", "objective", *SECTIONS}
         for key in cfg.keys():
             if key not in top:
-                raise UserError(f"{where}: unknown key '{key}'{_closest(key, top)}; the keys are those of "
+                raise UserError(f"{where}: unknown key '{key}'{closest_hint(key, top)}; the keys are those of "
                                 "configs/base.py")
         missing = sorted(k for k in top if k not in cfg)
         if missing:
@@ -328,34 +301,37 @@ class RunConfig:
         return rc
 
     def validate(self) -> None:
-        for key, bound in BOUNDS.items():
-            bound.check(key, self._value(key))
-        for key, bound in OBJECTIVE_BOUNDS.get(self.objective.name, {}).items():
-            bound.check(f"objective.{self.objective.name}.{key}", getattr(self.objective, key))
-        for low, high in OBJECTIVE_ORDER.get(self.objective.name, ()):
-            a, b = getattr(self.objective, low), getattr(self.objective, high)
-            if a > b:
-                name = self.objective.name
-                raise UserError(f"objective.{name}.{low}={a} > objective.{name}.{high}={b}: expected "
-                                f"{low} ≤ {high}")
+        """The declared bounds of every key, then the constraints between keys."""
+        from percausal_jax.data.shapes import check_packing  # UserErrors name data.pack_*
+        from percausal_jax.objectives.registry import Block
+
+        d = self.data
+        check_packing(d.max_prompt_len, d.max_response_len, d.pack_personal_len, d.pack_counterfactual_len,
+                      d.pack_response_len, d.pack_lookahead)
+        check_bounds(self)
+        for name in SECTIONS:
+            check_bounds(getattr(self, name), name + ".")
+        check_bounds(Block(name=self.objective.name, vocab_chunk_size=self.vocab_chunk_size), "objective.")
+        check_bounds(self.objective, f"objective.{self.objective.name}.")
+        _check_ordered(self.objective)
         _check_mesh(self.mesh)
         t = self.train
         if t.global_batch_size % t.grad_accum_steps:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                             f"train.grad_accum_steps={t.grad_accum_steps}")
-        self.data.featurize(self.seed)
-        from percausal_jax.training.optim import make_optimizer
-
-        make_optimizer(self.optimizer, t.steps)  # names a bad optimizer.name / optimizer.schedule
-
-    def _value(self, key: str):
-        node = self
-        for part in key.split("."):
-            node = getattr(node, part)
-        return node
+        d.featurize(self.seed)
 
     def with_model_path(self, path: str) -> RunConfig:
         return dataclasses.replace(self, model=dataclasses.replace(self.model, path=str(path)))
+
+
+def _check_ordered(objective) -> None:
+    """The objective's ordered pairs of hyper-parameters (``Objective.ordered``): low ≤ high."""
+    name = objective.name
+    for low, high in type(objective).ordered:
+        a, b = getattr(objective, low), getattr(objective, high)
+        if a > b:
+            raise UserError(f"objective.{name}.{low}={a} > objective.{name}.{high}={b}: expected {low} ≤ {high}")
 
 
 def _section(spec: type, node, name: str, where: str):
@@ -364,15 +340,13 @@ def _section(spec: type, node, name: str, where: str):
     known = {f.name: f for f in dataclasses.fields(spec)}
     for key in node.keys():
         if key not in known:
-            raise UserError(f"{where}: unknown key '{name}.{key}'{_closest(key, known, name + '.')}")
+            raise UserError(f"{where}: unknown key '{name}.{key}'{closest_hint(key, known, name + '.')}")
     values = {}
     for key, f in known.items():
         if key not in node:
             raise UserError(f"{where}: missing key '{name}.{key}' (start from configs/base.py)")
         values[key] = _typed(node[key], f.type, f"{name}.{key}", where)
-        allowed = CHOICES.get(f"{name}.{key}")
-        if allowed and values[key] not in allowed:
-            raise UserError(f"{where}: {name}.{key}={values[key]!r}: expected one of {', '.join(allowed)}")
+        check_choice(f"{name}.{key}", values[key], f, where)
     return spec(**values)
 
 
@@ -390,6 +364,29 @@ def _typed(value, kind, key: str, where: str):
     raise UserError(f"{where}: {key}={value!r}: expected {'a tuple of strings' if kind is tuple else kind.__name__}")
 
 
-def _closest(key: str, candidates, prefix: str = "") -> str:
-    match = difflib.get_close_matches(key, list(candidates), n=1)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+# ------------------------------------------------------------------------------------------------ derived views
+
+
+def declarations() -> list[tuple[str, dataclasses.Field]]:
+    """Every key of the config, dotted, with the field that declares it, in ``configs/base.py``'s order."""
+    from percausal_jax.objectives import registry
+
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            out += declared(SECTIONS[f.name], f.name + ".")
+        elif f.name == "objective":
+            out += registry.declarations("objective.")
+        elif "help" in f.metadata:
+            out.append((f.name, f))
+    return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The config of every key at its declared default: ``configs/base.py``'s ``get_config()``."""
+    return config_dict((name, f.default) for name, f in declarations())
+
+
+def describe_keys() -> str:
+    """One line per key: ``key = default (admissible values): help`` (for ``--help`` texts)."""
+    return "\n".join(describe(name, f) for name, f in declarations())

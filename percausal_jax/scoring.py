@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from percausal_jax.data.pairing import PairedExample, collate
+from percausal_jax.data.pairing import PairedExample, collate_examples
 from percausal_jax.evaluation.contrast import contrast_argmax
 from percausal_jax.objectives import OBJECTIVES, Objective, Passes, Requirements, Targets, compute_passes, total_loss
 from percausal_jax.objectives.passes import response_hidden
@@ -91,10 +91,8 @@ def score_examples(model, examples: Sequence[PairedExample], objectives: Sequenc
     starts = range(0, len(examples), batch_size)
     for start in (progress(starts) if progress else starts):
         chunk = list(examples[start:start + batch_size])
-        rows = [[ex] for ex in chunk] + [[chunk[-1]]] * (batch_size - len(chunk))  # fixed batch size
-        batch = collate(rows, _round_up(max(e.personal_len for e in chunk)),
-                        _round_up(max(e.counterfactual_len for e in chunk)),
-                        _round_up(max(len(e.response_ids) for e in chunk)))
+        # fixed batch size; each row is scored on its own, so the spare rows repeat a real example (never read)
+        batch = collate_examples(chunk, batch_size, _ROUND, fill=chunk[-1])
         out = jax.device_get(score(model, batch))
         for i, ex in enumerate(chunk):
             n = len(ex.response_ids)
@@ -102,7 +100,3 @@ def score_examples(model, examples: Sequence[PairedExample], objectives: Sequenc
                    for k, v in out.items() if np.ndim(v) == 2}
             rec.update({k: float(v[i]) for k, v in out.items() if np.ndim(v) == 1})
             yield rec
-
-
-def _round_up(n: int) -> int:
-    return -(-n // _ROUND) * _ROUND

@@ -10,14 +10,56 @@ reason, first ids) goes to stderr, and ``--summary`` (default ``OUT`` with ``.su
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
-from percausal_jax.data.records import SkipReport
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.errors import UserError
 from percausal_jax.evaluation.contrast_flags import add_flags, check_flags
 
 ID_KEYS = ("id", "prompt_ids", "prompt_no_profile_ids", "completion_ids", "tokens")
+# the objectives' hyper-parameters with a flag here (``--clip-min`` ...): default, bound and help are the fields'
+FLAGGED = {"perce": ("clip_min", "clip_max"), "nextquill": ("delta",)}
+
+
+def _flagged():
+    """``(objective class, field)`` of every flagged hyper-parameter."""
+    from percausal_jax.objectives import OBJECTIVES
+
+    fields = {name: {f.name: f for f in dataclasses.fields(OBJECTIVES[name])} for name in FLAGGED}
+    return [(OBJECTIVES[name], fields[name][field]) for name, names in FLAGGED.items() for field in names]
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _add_objective_flags(p) -> None:
+    for cls, f in _flagged():
+        bound = f.metadata["bound"]
+        admits = f", {bound.expected(f.default)}" if bound else ""
+        p.add_argument(_flag(f.name), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (objective.{cls.name}.{f.name}{admits}; default {f.default})")
+
+
+def _check_objective_flags(args) -> None:
+    """The flags' bounds, then the objectives' ordered pairs (``Objective.ordered``), as the config checks them."""
+    flagged = _flagged()
+    for _, f in flagged:
+        if f.metadata["bound"]:
+            f.metadata["bound"].check(_flag(f.name), getattr(args, f.name))
+    names = {f.name: f for _, f in flagged}
+    for cls in dict.fromkeys(cls for cls, _ in flagged):
+        for low, high in cls.ordered:
+            if low not in names or high not in names:
+                continue
+            a, b = getattr(args, low), getattr(args, high)
+            if a > b:
+                bound = names[low].metadata["bound"]
+                floor = f"{bound.low:g} ≤ " if bound and bound.low is not None else ""
+                raise UserError(f"{_flag(low)}={a} {_flag(high)}={b}: expected {floor}{_flag(low)[2:]} ≤ "
+                                f"{_flag(high)[2:]}")
 
 
 def register(subparsers) -> None:
@@ -38,9 +80,7 @@ def register(subparsers) -> None:
                    help="passed to the chat template (Qwen3), as data.enable_thinking in training: for records "
                         "rendered here (no 'template' field, --template chat) and the template's end-of-turn")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--clip-min", type=float, default=0.8)
-    p.add_argument("--clip-max", type=float, default=5.0)
-    p.add_argument("--delta", type=float, default=0.05)
+    _add_objective_flags(p)
     add_flags(p, "also record, per token, the greedy choice from z_h and from the contrasted logits (the heatmap "
                  "marks where they differ)")
     p.set_defaults(func=run)
@@ -59,10 +99,7 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    if not 0 <= args.clip_min <= args.clip_max:
-        raise UserError(f"--clip-min={args.clip_min} --clip-max={args.clip_max}: expected 0 ≤ clip-min ≤ clip-max")
-    if not args.delta >= 0:
-        raise UserError(f"--delta={args.delta}: expected a number ≥ 0")
+    _check_objective_flags(args)
     check_flags(args)
     contrast = (args.contrast, args.plausibility) if args.contrast > 0 else None
     numbered, skips = SkipReport.read(args.data, strict=args.strict)
@@ -71,7 +108,7 @@ def run(args) -> int:
             raise UserError(f"{args.data}:{line}: expected prompt records with fields "
                             "'id', 'prompt', 'prompt_no_profile', 'completion'")
     rows = [row for _, row in numbered]
-    knobs = {"perce": {"clip_min": args.clip_min, "clip_max": args.clip_max}, "nextquill": {"delta": args.delta}}
+    knobs = {name: {field: getattr(args, field) for field in fields} for name, fields in FLAGGED.items()}
     objectives = scorable(cls(**knobs.get(name, {})) for name, cls in OBJECTIVES.items())
     loaded = pretrained(args.model, dtype=args.dtype)
     tokenizer = loaded.tokenizer

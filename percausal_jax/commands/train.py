@@ -3,9 +3,16 @@ run."""
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train with a token-level objective (resumes from DIR if present)")
+    from percausal_jax.config import describe_keys
+
+    p = subparsers.add_parser("train", help="train with a token-level objective (resumes from DIR if present)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="config keys (--config.KEY=VALUE overrides the config file's value):\n"
+                                     + describe_keys())
     p.add_argument("--config", required=True, help="Python config file with get_config() (see configs/)")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

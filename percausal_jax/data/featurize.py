@@ -25,7 +25,7 @@ Per record kind (:mod:`percausal_jax.data.records`):
 With ``"chat"``, a system message is merged into the first user turn for templates without a system role
 (:func:`chat.render_messages`), and ``enable_thinking`` is passed to the template (Qwen3).
 
-Tokenization follows :func:`pairing.pair_example`: the completion is tokenized once without special tokens and an
+Tokenization (:mod:`pairing`'s contract): the completion is tokenized once without special tokens and an
 end token is appended: with template ``"chat"`` the template's own end-of-turn (:func:`chat.end_of_turn`: the text
 the template writes after an assistant message, e.g. ``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``; tokenized
 once per featurizer; EOS if the template writes nothing there), with ``"none"`` the tokenizer's EOS. So for a chat
@@ -61,41 +61,47 @@ from percausal_jax.data.records import detect_kind
 from percausal_jax.data.retrieval import METHODS, Contriever, Method, PromptTooLong, fit_to_budget, top_k
 from percausal_jax.errors import UserError
 from percausal_jax.evaluation.token_nll import response_classes
+from percausal_jax.schema import choices, declared, key
 
 BudgetMode = Literal["drop", "truncate"]
+BUDGET_MODES: tuple[BudgetMode, ...] = ("drop", "truncate")
 DROP_REASONS = ("prompt_too_long", "response_too_long")
 LENGTH_KEYS = ("prompt", "prompt_no_profile", "response")
 
 
 @dataclasses.dataclass(frozen=True)
 class FeaturizeConfig:
-    """Every knob that turns records into token ids (validated once, here).
+    """Every knob that turns records into token ids (validated once, here), each declared with its help and choices
+    (:func:`~percausal_jax.schema.key`); the training config's ``data.*`` keys share these declarations.
 
     ``max_prompt_len`` / ``max_response_len`` are token counts (prompt incl. special tokens and separator; response
     incl. its end token); None = unlimited. ``seed`` only seeds the ``random`` retriever. ``separator`` ends both
-    prompts of canonical records rendered with template ``"none"`` (see the module doc). ``truncate_response`` is
-    off here (over-long responses are dropped) but on in ``configs/base.py`` and ``percausal prepare``.
+    prompts of canonical records rendered with template ``"none"`` (see the module doc). The defaults here are the
+    library's (template ``"none"``, no length limits, over-long responses dropped); ``configs/base.py`` and
+    ``percausal prepare`` train with template ``"chat"``, length limits and ``truncate_response``.
     """
 
-    template: Template = "none"
-    counterfactual_mode: Mode = "drop"
-    retriever: Method = "bm25"
-    k: int = 4
-    seed: int = 0
-    max_prompt_len: int | None = None
-    max_response_len: int | None = None
-    budget_mode: BudgetMode = "drop"
-    truncate_response: bool = False
-    enable_thinking: bool = False
-    separator: str = "\n"
+    template: Template = key("none", "none = prompt text as is; chat = the tokenizer's chat template",
+                             choices=TEMPLATES)
+    counterfactual_mode: Mode = key("drop", "the profile-free prompt: profile dropped, or replaced by a placeholder",
+                                    choices=MODES)
+    retriever: Method = key("bm25", "how the k profile items are chosen", choices=METHODS)
+    k: int = key(4, "profile items retrieved into the personal prompt")
+    seed: int = key(0, "seeds the random retriever")
+    max_prompt_len: int | None = key(None, "token budget of a prompt (special tokens and separator included)")
+    max_response_len: int | None = key(None, "response tokens, its end token included")
+    budget_mode: BudgetMode = key("drop", "over the prompt budget: drop profile items, or truncate their text",
+                                  choices=BUDGET_MODES)
+    truncate_response: bool = key(False, "over max_response_len: keep the first tokens, without the end token "
+                                         "(False = drop the example)")
+    enable_thinking: bool = key(False, "passed to chat templates (Qwen3: False = the empty think block)")
+    separator: str = key("\n", "ends both prompts of canonical records with template none (\"\" = glued)")
 
     def __post_init__(self):
-        for name, value, allowed in (("template", self.template, TEMPLATES),
-                                     ("counterfactual_mode", self.counterfactual_mode, MODES),
-                                     ("retriever", self.retriever, METHODS),
-                                     ("budget_mode", self.budget_mode, ("drop", "truncate"))):
-            if value not in allowed:
-                raise UserError(f"featurize setting {name}={value!r}: expected one of {list(allowed)}")
+        for name, f in declared(self):
+            if choices(f) and getattr(self, name) not in choices(f):
+                raise UserError(f"featurize setting {name}={getattr(self, name)!r}: expected one of "
+                                f"{list(choices(f))}")
         if not isinstance(self.separator, str):
             raise UserError(f"featurize setting separator={self.separator!r}: expected a string")
         if self.k < 0:

@@ -64,18 +64,6 @@ class PairedExample:
         return len(self.prompt_no_profile_ids) + len(self.response_ids) - 1
 
 
-def pair_example(tokenizer, prompt: str, prompt_no_profile: str, response: str, *,
-                 add_special_tokens: bool = True) -> PairedExample:
-    """Tokenizes the two prompts and the response once (+EOS). Prompts get the tokenizer's BOS only if it adds one
-    (``add_special_tokens``); the response never gets special tokens besides the EOS appended here."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id")
-    p = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    c = tokenizer(prompt_no_profile, add_special_tokens=add_special_tokens)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return PairedExample(tuple(p), tuple(c), tuple(r))
-
-
 @struct.dataclass
 class Sequences:
     tokens: np.ndarray  # int32[B, L]
@@ -161,6 +149,17 @@ def collate(rows: Sequence[Sequence[PairedExample]], personal_len: int, counterf
             off_c += ex.counterfactual_len
             off_r += n
     return PairedBatch(P, C, Response(ids, weight, seq_weight, idx_p, idx_c, seg_r, cls))
+
+
+def collate_examples(examples: Sequence[PairedExample], batch_size: int, multiple: int = 16,
+                     fill: PairedExample | None = None) -> PairedBatch:
+    """One example per row, in ``batch_size`` rows (``1 ≤ len(examples) ≤ batch_size``), each length the longest
+    example's rounded up to a multiple of ``multiple`` (few distinct shapes to compile). The rows past the examples
+    hold ``fill`` when given, else nothing: all padding (weight 0), so they add nothing to any sum over the batch."""
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    rows = [[ex] for ex in examples] + [[] if fill is None else [fill] for _ in range(batch_size - len(examples))]
+    return collate(rows, up(max(e.personal_len for e in examples)), up(max(e.counterfactual_len for e in examples)),
+                   up(max(len(e.response_ids) for e in examples)))
 
 
 def _empty(B: int, L: int) -> Sequences:

@@ -46,9 +46,7 @@ out feeds empty rows (``ProcessRows``); train with ``num_epochs=None`` and a ste
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -58,13 +56,13 @@ import grain
 from percausal_jax import storage
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, FeaturizeStats, Featurizer, Kept
 from percausal_jax.data.pairing import PairedBatch, PairedExample, collate, shape_of
-from percausal_jax.data.rows import BlockShard, RowLayout
-from percausal_jax.data.records import (SkipReport, detect_kind, read_records, validate_canonical, validate_prompt,
-                                        validate_trl)
+from percausal_jax.data.rows import BlockShard
+from percausal_jax.data.shapes import ARRAYS, DEFAULT_LOOKAHEAD, PACK_KEYS, Buckets, Packing
+from percausal_jax.data.records import detect_kind, read_records, validate_canonical, validate_prompt, validate_trl
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.data.retrieval import Contriever
 from percausal_jax.errors import UserError, where
 
-ARRAYS = ("personal", "counterfactual", "response")
 
 
 # -------------------------------------------------------------------------------------------------------- sources
@@ -125,102 +123,6 @@ def open_source(source: str | os.PathLike | Sequence, *, strict: bool = False,
         raise UserError(f"data source {source!r}: expected a file path, a list of records or a random-access "
                         "data source")
     return JsonRecords(source, repr(source))
-
-
-# -------------------------------------------------------------------------------------------------------- buckets
-
-
-def boundaries(max_len: int, multiple: int) -> tuple[int, ...]:
-    """``(multiple, 2·multiple, ...)`` up to the first multiple ≥ ``max_len``."""
-    return tuple(range(multiple, math.ceil(max_len / multiple) * multiple + 1, multiple))
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """Allowed padded lengths per array, ascending; the largest is also the derived packing row capacity."""
-
-    personal: tuple[int, ...]
-    counterfactual: tuple[int, ...]
-    response: tuple[int, ...]
-
-    @classmethod
-    def multiples(cls, fcfg: FeaturizeConfig, multiple: int) -> Buckets:
-        """Multiples of ``multiple`` up to the longest example ``fcfg`` admits (prompt + response − 1)."""
-        p, r = _maxima(fcfg)
-        return cls(boundaries(p + r - 1, multiple), boundaries(p + r - 1, multiple), boundaries(r, multiple))
-
-    def check(self, fcfg: FeaturizeConfig) -> None:
-        """Every admissible example must fit the largest boundaries."""
-        p, r = _maxima(fcfg)
-        for name, bounds, need in zip(ARRAYS, (self.personal, self.counterfactual, self.response),
-                                      (p + r - 1, p + r - 1, r)):
-            if not bounds or list(bounds) != sorted(set(bounds)) or bounds[0] < 1:
-                raise UserError(f"{name} bucket boundaries {bounds}: expected ascending positive integers")
-            if bounds[-1] < need:
-                raise UserError(f"{name} bucket boundaries {bounds}: the largest must be >= {need}, the longest "
-                                "example allowed by max_prompt_len and max_response_len")
-
-    def fit(self, lengths: tuple[int, int, int]) -> tuple[int, int, int]:
-        """The smallest boundaries holding ``(personal, counterfactual, response)`` lengths."""
-        return tuple(next(b for b in bounds if b >= n)  # type: ignore[return-value]
-                     for bounds, n in zip((self.personal, self.counterfactual, self.response), lengths))
-
-    @property
-    def capacity(self) -> tuple[int, int, int]:
-        return self.personal[-1], self.counterfactual[-1], self.response[-1]
-
-
-DEFAULT_LOOKAHEAD = 64
-PACK_KEYS = ("data.pack_personal_len", "data.pack_counterfactual_len", "data.pack_response_len")
-
-
-@dataclasses.dataclass(frozen=True)
-class Packing:
-    """Packed rows: the capacity of one row per array (every packed batch has exactly this shape) and the number of
-    examples kept pending for first-fit-decreasing placement (0 = first fit in reading order)."""
-
-    personal: int
-    counterfactual: int
-    response: int
-    lookahead: int = DEFAULT_LOOKAHEAD
-
-    @property
-    def capacity(self) -> tuple[int, int, int]:
-        return self.personal, self.counterfactual, self.response
-
-    @classmethod
-    def derive(cls, fcfg: FeaturizeConfig, buckets: Buckets, personal: int = 0, counterfactual: int = 0,
-               response: int = 0, lookahead: int = DEFAULT_LOOKAHEAD) -> Packing:
-        """The given capacities (checked by :func:`check_packing`), each 0 replaced by the largest bucket
-        boundary of its array (the longest admissible example, rounded up to the bucket multiple)."""
-        p, r = _maxima(fcfg)
-        check_packing(p, r, personal, counterfactual, response, lookahead)
-        given = (personal, counterfactual, response)
-        return cls(*(n or derived for n, derived in zip(given, buckets.capacity)), lookahead=lookahead)
-
-
-def check_packing(max_prompt_len: int, max_response_len: int, personal: int = 0, counterfactual: int = 0,
-                  response: int = 0, lookahead: int = 0) -> None:
-    """Each packed row capacity must be 0 (derived) or hold the longest example the length limits admit:
-    ``max_prompt_len + max_response_len − 1`` tokens for both sequences (a profile-free prompt may be as long as
-    ``max_prompt_len``), ``max_response_len`` response slots. UserErrors name the ``data.*`` key."""
-    needs = (max_prompt_len + max_response_len - 1,) * 2 + (max_response_len,)
-    for key, value, need in zip(PACK_KEYS, (personal, counterfactual, response), needs):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{key}={value!r}: expected 0 (derive from the length limits) or an integer >= {need}")
-        if 0 < value < need:
-            raise UserError(f"{key}={value}: a packed row must hold the longest admissible example, {need} tokens "
-                            f"(data.max_prompt_len={max_prompt_len}, data.max_response_len={max_response_len}); "
-                            f"set it to 0 (derive) or >= {need}")
-    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
-        raise UserError(f"data.pack_lookahead={lookahead!r}: expected an integer >= 0 (0 = no lookahead)")
-
-
-def _maxima(fcfg: FeaturizeConfig) -> tuple[int, int]:
-    if fcfg.max_prompt_len is None or fcfg.max_response_len is None:
-        raise UserError("the pipeline pads to static shapes: set max_prompt_len and max_response_len in the "
-                        "featurize settings")
-    return fcfg.max_prompt_len, fcfg.max_response_len
 
 
 # ------------------------------------------------------------------------------------------------------ iterator
@@ -432,31 +334,3 @@ def make_iterator(source: str | os.PathLike | Sequence, tokenizer: Any, fcfg: Fe
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     give_up = max(len(records), 1)  # as many consecutive drops as there are records, nothing kept: all dropped
     return iter(_PairedBatchDataset(it_ds, batch_size, buckets, pack if packing else False, give_up))
-
-
-# ----------------------------------------------------------------------------------------------------- to devices
-
-
-def to_global(batch: PairedBatch, mesh, layout: RowLayout | None = None) -> PairedBatch:
-    """This process's rows (its row blocks of ``layout``, concatenated in block order) → a ``PairedBatch`` of global
-    ``jax.Array``s of ``layout.rows`` rows, sharded over the batch axes; each device gets its block's rows.
-    ``layout`` defaults to the batch being the whole global batch (one process)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from percausal_jax.data.rows import BATCH_AXES, row_layout
-
-    missing = [axis for axis in BATCH_AXES if axis not in mesh.axis_names]
-    if missing:
-        raise ValueError(f"batch axes {missing} are not mesh axes {mesh.axis_names}")
-    rows = batch.personal.tokens.shape[0]
-    layout = layout or row_layout(mesh, rows)
-    if rows != layout.local_rows:
-        raise ValueError(f"this process fed {rows} rows; its row blocks {layout.blocks} hold {layout.local_rows}")
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-    def put(x):
-        return jax.make_array_from_callback((layout.rows, *x.shape[1:]), sharding,
-                                            lambda index: x[(layout.local_index(index[0]), *index[1:])])
-
-    return jax.tree.map(put, batch)

@@ -17,7 +17,8 @@ and featurizes, drops, buckets or packs them by itself (``pipeline.make_iterator
 its devices hold and concatenates them in block order (:class:`ProcessRows`); replicas build identical rows. A
 block's rows never depend on which process builds it, so every layout of processes over a mesh trains exactly what
 one process does on that mesh — drops and packing included. The shards are disjoint and complete; a finite
-stream's last, partial round is split the same way, so block lengths differ by up to ``b``.
+stream's last, partial round is split the same way, so block lengths differ by up to ``b``. :func:`to_global` puts
+a process's rows on its devices as the global batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import dataclasses
 from collections.abc import Sequence
 
 import grain
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from percausal_jax.data.pairing import PairedBatch, empty_batch, pad_batch, shape_of
 
@@ -82,7 +85,6 @@ def row_layout(mesh, rows: int, process: int | None = None,
     """The layout of a ``rows``-row global batch sharded over ``batch_axes`` of ``mesh`` (its devices' own
     ``process_index``; ``process`` defaults to this process)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     if process is None:
         process = jax.process_index()
@@ -194,3 +196,23 @@ class ProcessRows(grain.DatasetIterator):
                              "resume on the same mesh and process layout")
         for j, it in zip(self._ids, self._its):
             it.set_state(saved[str(j)])
+
+
+def to_global(batch: PairedBatch, mesh, layout: RowLayout | None = None) -> PairedBatch:
+    """This process's rows (its row blocks of ``layout``, concatenated in block order) → a ``PairedBatch`` of global
+    ``jax.Array``s of ``layout.rows`` rows, sharded over the batch axes; each device gets its block's rows.
+    ``layout`` defaults to the batch being the whole global batch (one process)."""
+    missing = [axis for axis in BATCH_AXES if axis not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"batch axes {missing} are not mesh axes {mesh.axis_names}")
+    rows = batch.personal.tokens.shape[0]
+    layout = layout or row_layout(mesh, rows)
+    if rows != layout.local_rows:
+        raise ValueError(f"this process fed {rows} rows; its row blocks {layout.blocks} hold {layout.local_rows}")
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+    def put(x):
+        return jax.make_array_from_callback((layout.rows, *x.shape[1:]), sharding,
+                                            lambda index: x[(layout.local_index(index[0]), *index[1:])])
+
+    return jax.tree.map(put, batch)

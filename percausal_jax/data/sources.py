@@ -33,7 +33,8 @@ from collections.abc import Iterator, Sequence
 
 from percausal_jax import storage
 from percausal_jax.data.files import dataset_dict_splits, iter_rows
-from percausal_jax.data.records import SkipReport, admit, read_records, validate_canonical
+from percausal_jax.data.records import read_records, validate_canonical
+from percausal_jax.data.skips import SkipReport, admit
 from percausal_jax.errors import UserError, where
 
 LONGLAMP_HUB_ID = "LongLaMP/LongLaMP"

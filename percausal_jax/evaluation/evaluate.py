@@ -20,11 +20,12 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
-from percausal_jax.data.records import SkipReport
+from percausal_jax.data.featurize import FeaturizeConfig, Featurizer, Kept, Texts
+from percausal_jax.data.pairing import PairedExample
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.errors import UserError
 from percausal_jax.evaluation import metrics, token_nll
-from percausal_jax.evaluation.generate import generate
+from percausal_jax.evaluation.generate import generate, padding_id, stop_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,27 +41,36 @@ class DecodeConfig:
     plausibility: float = 0.1  # α: only tokens with p ≥ α · max p given the profile are eligible
 
 
+def whole_response_featurizer(tokenizer, fcfg: FeaturizeConfig) -> Featurizer:
+    """``fcfg``'s featurizer with responses kept whole (no ``max_response_len``, no truncation), as generated."""
+    return Featurizer(tokenizer, dataclasses.replace(fcfg, max_response_len=None, truncate_response=False))
+
+
+def featurize_record(featurizer: Featurizer, record: dict) -> tuple[Texts, PairedExample]:
+    """A record's texts and ids by the one featurizer path of training; a prompt that does not fit is an error."""
+    texts, result = featurizer.run(record)
+    if not isinstance(result, Kept):
+        raise UserError(f"record {record.get('id')}: the prompt does not fit max_prompt_len even without profile")
+    return texts, result.example
+
+
 def generate_for_records(model, tokenizer, records: Sequence[dict], fcfg: FeaturizeConfig, dcfg: DecodeConfig,
                          progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    featurizer = Featurizer(tokenizer, dataclasses.replace(fcfg, max_response_len=None, truncate_response=False))
-    prompts, no_profile, rows = [], [], []
-    stops = {tokenizer.eos_token_id} - {None}  # and the last id of each response end training appended
+    featurizer = whole_response_featurizer(tokenizer, fcfg)
+    prompts, no_profile, rows, templates = [], [], [], set()
     for rec in records:
-        texts, result = featurizer.run(rec)
-        if texts is None:
-            raise UserError(f"record {rec.get('id')}: the prompt does not fit max_prompt_len even without profile")
-        prompts.append(list(result.example.prompt_ids))
-        no_profile.append(list(result.example.prompt_no_profile_ids))
-        stops.add(featurizer.response_end(texts.template)[-1])
+        texts, example = featurize_record(featurizer, rec)
+        prompts.append(list(example.prompt_ids))
+        no_profile.append(list(example.prompt_no_profile_ids))
+        templates.add(texts.template)
         rows.append({"id": rec["id"], "task": rec.get("task"), "prompt": texts.prompt, "reference": texts.completion})
-    eos = sorted(stops)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, pad = stop_ids(featurizer, templates), padding_id(tokenizer)
     starts = range(0, len(prompts), dcfg.batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", file=sys.stderr, disable=not progress):
         chunk = prompts[start:start + dcfg.batch_size]
-        outs = generate(model, chunk, dcfg.max_new_tokens, eos_ids=tuple(set(eos)), pad_id=pad,
+        outs = generate(model, chunk, dcfg.max_new_tokens, eos_ids=eos, pad_id=pad,
                         temperature=dcfg.temperature, top_p=dcfg.top_p, top_k=dcfg.top_k,
                         repetition_penalty=dcfg.repetition_penalty, seed=dcfg.seed + start,
                         prompts_no_profile=no_profile[start:start + dcfg.batch_size], contrast=dcfg.contrast,
@@ -81,8 +91,7 @@ def teacher_forced_nll(model, tokenizer, records: Sequence[dict], fcfg: Featuriz
     import numpy as np
     from flax import nnx
 
-    from percausal_jax.data.featurize import Kept
-    from percausal_jax.data.pairing import collate
+    from percausal_jax.data.pairing import collate_examples
     from percausal_jax.objectives.losses import Requirements
     from percausal_jax.objectives.passes import pass_outputs
 
@@ -91,20 +100,12 @@ def teacher_forced_nll(model, tokenizer, records: Sequence[dict], fcfg: Featuriz
         r = batch.response
         return pass_outputs(model, batch.personal, r.index_personal, r.ids, Requirements(), chunk_size).logp
 
-    featurizer = Featurizer(tokenizer, dataclasses.replace(fcfg, max_response_len=None, truncate_response=False))
-    examples = []
-    for rec in records:
-        result = featurizer(rec)
-        if not isinstance(result, Kept):
-            raise UserError(f"record {rec.get('id')}: the prompt does not fit max_prompt_len even without profile")
-        examples.append(result.example)
-    up = lambda n: -(-n // 16) * 16  # noqa: E731
+    featurizer = whole_response_featurizer(tokenizer, fcfg)
+    examples = [featurize_record(featurizer, rec)[1] for rec in records]
     total = None
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        rows = [[ex] for ex in chunk] + [[] for _ in range(batch_size - len(chunk))]  # empty rows: all padding
-        batch = collate(rows, up(max(e.personal_len for e in chunk)), up(max(e.counterfactual_len for e in chunk)),
-                        up(max(len(e.response_ids) for e in chunk)))
+        # the spare rows are all padding: they must add nothing to the sums over the batch
+        batch = collate_examples(examples[start:start + batch_size], batch_size)
         logp = np.asarray(personal_logp(model, batch), np.float64)
         total = token_nll.add_sums(total, token_nll.class_sums(logp, batch.response.weight,
                                                                batch.response.token_class))

@@ -21,7 +21,7 @@ row ``i`` as in plain decoding. With β = 0 (the default) the second context is 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,20 @@ def left_pad(prompts: Sequence[Sequence[int]], total_len: int, pad_id: int = 0):
         seg[i, P - len(p):] = 1
     positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
     return tokens, seg, positions, P
+
+
+def stop_ids(featurizer, templates: Iterable[str]) -> tuple[int, ...]:
+    """The ids decoding stops at, sorted: the tokenizer's EOS and the last id of the end that training appends to
+    every response of prompts rendered with each of ``templates`` (``Featurizer.response_end``: the chat template's
+    end of turn, e.g. ``<end_of_turn>``, or EOS)."""
+    ends = {featurizer.response_end(t)[-1] for t in templates}
+    return tuple(sorted(ends | ({featurizer.tokenizer.eos_token_id} - {None})))
+
+
+def padding_id(tokenizer) -> int:
+    """The id written into padding slots (left padding, rows already done): the tokenizer's pad token, else its EOS,
+    else 0. Padding is never attended to, counted as seen, nor returned, so no output depends on it."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

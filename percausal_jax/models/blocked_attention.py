@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from percausal_jax.models.softcap import soft_cap, soft_cap_grad, soft_cap_with_tanh
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # Tile sizes, from ``bench/cpu_profile.py attention`` on XLA:CPU (SmolLM2 heads, fp32; re-checked for the looped
@@ -123,8 +125,7 @@ def _blocked_forward(qh, kh, vh, seg, pos, sliding, k0s, static):
             m, l, acc = carry
             s = jnp.einsum("bkgqd,bksd->bkgqs", qb, lax.dynamic_slice_in_dim(kh, ks, bk, 2),
                            preferred_element_type=jnp.float32) * scale
-            if softcap is not None:
-                s = jnp.tanh(s / softcap) * softcap
+            s = soft_cap(s, softcap)
             s = jnp.where(tile_mask(seg, pos, sliding, window, qs, bq, ks, bk)[:, None, None], s, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
@@ -181,15 +182,11 @@ def _blocked_bwd(static, res, dout):
             kb, vb = lax.dynamic_slice_in_dim(kh, ks, bk, 2), lax.dynamic_slice_in_dim(vh, ks, bk, 2)
             mask = jnp.swapaxes(tile_mask(seg, pos, sliding, window, qs, bq, ks, bk), 1, 2)[:, None, :, None]
             s = jnp.einsum("bksd,bkgqd->bksgq", kb, qb, preferred_element_type=jnp.float32) * scale
-            if softcap is not None:
-                t = jnp.tanh(s / softcap)
-                s = t * softcap
+            s, t = soft_cap_with_tanh(s, softcap)
             p = jnp.exp(jnp.where(mask, s, MASK_VALUE) - lse_b)
             dv_t = jnp.einsum("bksgq,bkgqd->bksd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
             dp = jnp.einsum("bksd,bkgqd->bksgq", vb, dob, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_b)
-            if softcap is not None:
-                ds = ds * (1.0 - t * t)
+            ds = soft_cap_grad(p * (dp - delta_b), t)
             ds = (ds * scale).astype(qh.dtype)  # p = 0 exactly at masked scores: no gradient through them
             dk_t = jnp.einsum("bksgq,bkgqd->bksd", ds, qb, preferred_element_type=jnp.float32)
             dq = dq + jnp.einsum("bkds,bksgq->bkdgq", lax.dynamic_slice_in_dim(kt, ks, bk, 3), ds,

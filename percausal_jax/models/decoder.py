@@ -25,6 +25,7 @@ from percausal_jax.models.config import ModelConfig, rope_inv_freq
 from percausal_jax.models.kv_cache import KVCache, init_cache
 from percausal_jax.models.layers import (DENSE_MASK_IMPLEMENTATIONS, MLP, Attention, RMSNorm, attention_mask,
                                         chunk_attention_mask, rope_cos_sin)
+from percausal_jax.models.softcap import soft_cap
 
 # name -> jax.checkpoint policy (None: no rematerialization). Names tagged in layers.py with checkpoint_name.
 REMAT_POLICIES = {
@@ -249,7 +250,7 @@ class CausalLM(nnx.Module):
         w = self.head_weight().astype(self.compute_dtype)
         logits = jnp.einsum("...d,dv->...v", hidden.astype(self.compute_dtype), w,
                             preferred_element_type=jnp.float32)
-        return softcap(logits, self.config.final_logit_softcap)
+        return soft_cap(logits, self.config.final_logit_softcap)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -268,7 +269,3 @@ def _per_layer(rope, masks, sliding, windowed: bool):
     cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
     mask = None if masks is None else (jnp.where(sliding, masks[1], masks[0]) if windowed else masks[0])
     return (cos, sin), mask
-
-
-def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
-    return logits if cap is None else jnp.tanh(logits / cap) * cap

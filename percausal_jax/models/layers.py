@@ -19,6 +19,7 @@ from percausal_jax.models.blocked_attention import BLOCK_KV, BLOCK_Q, blocked_at
 from percausal_jax.models.blocked_attention import MASK_VALUE as _MASK_VALUE
 from percausal_jax.models.blocked_attention import tile_mask
 from percausal_jax.models.config import ModelConfig
+from percausal_jax.models.softcap import soft_cap
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "splash")
 DENSE_MASK_IMPLEMENTATIONS = ("xla",)  # kernels that take a [B, 1, L, L] mask
@@ -188,8 +189,7 @@ def _xla_attention(q, k, v, mask, scale: float, softcap: float | None) -> jax.Ar
     K = k.shape[2]
     q = q.reshape(B, L, K, H // K, Dh)
     scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
+    scores = soft_cap(scores, softcap)
     scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)  # mask [B, 1, L, S] → [B, 1, 1, L, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32)

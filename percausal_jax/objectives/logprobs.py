@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from percausal_jax.models.softcap import soft_cap, soft_cap_grad, soft_cap_with_tanh
+
 _NEG = -1e30
 
 
@@ -37,7 +39,7 @@ def gather_rows(hidden: jax.Array, index: jax.Array) -> jax.Array:
 def head_logits(hidden: jax.Array, head: jax.Array, softcap: float | None = None) -> jax.Array:
     """hidden [B, R, D], head [D, V] → float32 logits [B, R, V] (used on one vocabulary chunk at a time)."""
     z = jnp.einsum("brd,dv->brv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return z if softcap is None else jnp.tanh(z / softcap) * softcap
+    return soft_cap(z, softcap)
 
 
 def outputs_from_logits(logits: jax.Array, targets: jax.Array, with_entropy: bool = False) -> PassOutputs:
@@ -88,12 +90,8 @@ def _for_each_chunk(V: int, chunk: int, fn, carry):
 
 def _pass_logits(hs, w, softcap):
     """Per pass: (capped logits z, tanh(u / cap) or None) f32[B, R, chunk] for the head columns ``w``."""
-    out = []
-    for h in hs:
-        u = jnp.einsum("brd,dv->brv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        t = None if softcap is None else jnp.tanh(u / softcap)
-        out.append((u if t is None else t * softcap, t))
-    return out
+    return [soft_cap_with_tanh(jnp.einsum("brd,dv->brv", h, w.astype(h.dtype), preferred_element_type=jnp.float32),
+                               softcap) for h in hs]
 
 
 def _streams(zs, mix):
@@ -148,9 +146,7 @@ def _chunked_head_bwd(mix, softcap, chunk, entropy, res, cot):
         new_dhs, dw_chunk = [], None
         for p, ((_, t), h, dh) in enumerate(zip(passes, hs, dhs)):
             du = sum(row[p] * dz for row, dz in zip(mix, dz_streams) if row[p])
-            if t is not None:
-                du = du * (1.0 - t * t)
-            du = du.astype(h.dtype)
+            du = soft_cap_grad(du, t).astype(h.dtype)
             new_dhs.append(dh + jnp.einsum("brv,dv->brd", du, w.astype(h.dtype), preferred_element_type=jnp.float32))
             part = jnp.einsum("brd,brv->dv", h, du, preferred_element_type=jnp.float32)
             dw_chunk = part if dw_chunk is None else dw_chunk + part

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from percausal_jax.objectives.logprobs import PassOutputs
+from percausal_jax.schema import NONNEGATIVE, POSITIVE, UNIT, Bound, key
 
 sg = jax.lax.stop_gradient
 
@@ -97,8 +98,17 @@ class Requirements:
                             reference=tuple(sorted(set(self.reference) | set(other.reference))))
 
 
+NORMALIZER_EPS = 1e-12  # a normalizer of 0 (no tokens, or Σω = 0) divides an all-zero loss_sum: 0, not NaN
+
+
+def normalized_loss(loss_sum: jax.Array, normalizer: jax.Array) -> jax.Array:
+    """loss = Σ_t loss_sum[t] / normalizer[t]: the one division every caller of :class:`Result` makes (after
+    summing numerators and denominators over micro-batches and devices), guarded by :data:`NORMALIZER_EPS`."""
+    return jnp.sum(loss_sum / jnp.maximum(normalizer, NORMALIZER_EPS))
+
+
 def total_loss(r: Result) -> jax.Array:
-    return jnp.sum(r.loss_sum / jnp.maximum(r.normalizer, 1e-12))
+    return normalized_loss(r.loss_sum, r.normalizer)
 
 
 def _vec(*xs) -> jax.Array:
@@ -107,9 +117,12 @@ def _vec(*xs) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:
-    """Base of the five methods. Subclasses set ``name`` and define :meth:`__call__`."""
+    """Base of the five methods. Subclasses set ``name`` and define :meth:`__call__`. Hyper-parameters are
+    declared with :func:`~percausal_jax.schema.key` (default, help, bound: the config reads and checks them from
+    there); ``ordered`` names pairs of them that must satisfy low ≤ high."""
 
     name: ClassVar[str]
+    ordered: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     @property
     def requirements(self) -> Requirements:
@@ -147,7 +160,7 @@ class Objective:
 class _TokenNormalized(Objective):
     """Objectives normalized per response token, or per sequence (each sequence counts 1) with ``per_sequence``."""
 
-    per_sequence: bool = False
+    per_sequence: bool = key(False, "normalize per sequence (each sequence counts 1), not per response token")
 
     def _coef(self, t: Targets) -> jax.Array:
         return t.seq_weight if self.per_sequence else t.weight
@@ -174,8 +187,9 @@ class PerCE(_TokenNormalized):
     parameters (bootstrap), w_t = clip(PIR_t, m, M) under stop_gradient; loss = Σ w·nll / n_tokens."""
 
     name: ClassVar[str] = "perce"
-    clip_min: float = 0.8
-    clip_max: float = 5.0
+    ordered: ClassVar[tuple[tuple[str, str], ...]] = (("clip_min", "clip_max"),)
+    clip_min: float = key(0.8, "m: PIR weights are clipped to [clip_min, clip_max]", bound=NONNEGATIVE)
+    clip_max: float = key(5.0, "M: upper clip of the PIR weights", bound=POSITIVE)
 
     @property
     def requirements(self) -> Requirements:
@@ -217,14 +231,16 @@ class NextQuill(Objective):
     that computes both passes' log-probs (:func:`~percausal_jax.objectives.logprobs.chunked_pair_outputs`)."""
 
     name: ClassVar[str] = "nextquill"
-    delta: float = 0.05
-    high: float = 0.9
-    low: float = 0.1
-    alpha: float = 0.1
-    weighted_lp: bool = False
-    fixed_theta_d: bool = False
-    per_sequence: bool = False
-    reference_model: str = ""  # θ_D of fixed_theta_d: a model that has seen the data (path / hub id); "" = initial
+    ordered: ClassVar[tuple[tuple[str, str], ...]] = (("low", "high"),)
+    delta: float = key(0.05, "δ: tokens with DCE > delta get weight high, the others low", bound=NONNEGATIVE)
+    high: float = key(0.9, "ω of tokens with DCE > delta", bound=UNIT)
+    low: float = key(0.1, "ω of the other tokens", bound=UNIT)
+    alpha: float = key(0.1, "α: weight of the model-side alignment term L_p", bound=NONNEGATIVE)
+    weighted_lp: bool = key(False, "L_p weighted by ω and divided by Σω (the paper's Eq. 7), not per token")
+    fixed_theta_d: bool = key(False, "DCE from frozen parameters θ_D (reference_model, or the initial ones)")
+    per_sequence: bool = key(False, "each sequence normalized by its own Σω and token count (the reference's)")
+    reference_model: str = key("", "θ_D of fixed_theta_d: a model that has seen the data (path / hub id); "
+                                   "\"\" = the initial model")
 
     def __post_init__(self):
         if self.reference_model and not self.fixed_theta_d:
@@ -271,7 +287,7 @@ class NextQuill(Objective):
         omega = d["nextquill_weight"] * weight
         ce_diff = -x.contrast  # CE(z_h − z_0, y)
         if self.per_sequence:  # each sequence: its own Σω and token count; the batch averages sequences
-            n_coef = omega / jnp.maximum(t.sequence_total(omega), 1e-12)
+            n_coef = omega / jnp.maximum(t.sequence_total(omega), NORMALIZER_EPS)
             p_coef = n_coef if self.weighted_lp else t.seq_weight
         else:
             n_coef, p_coef = omega, omega if self.weighted_lp else weight
@@ -297,8 +313,9 @@ class LossCE(Objective):
     pseudo-random permutation of the slots seeded by the batch's own token ids, never by position."""
 
     name: ClassVar[str] = "lossce"
-    keep_frac: float = 0.6
-    reference_model: str = ""
+    keep_frac: float = key(0.6, "fraction of the batch's tokens kept, by excess loss",
+                           bound=Bound(0, 1, low_open=True))
+    reference_model: str = key("", "the reference model (path / hub id); \"\" = the initial model")
 
     @property
     def requirements(self) -> Requirements:
@@ -344,7 +361,7 @@ class EntCE(_TokenNormalized):
     loss = Σ w·nll / n_tokens."""
 
     name: ClassVar[str] = "entce"
-    max_weight: float = 5.0
+    max_weight: float = key(5.0, "upper clip of the entropy weights H_t / mean(H)", bound=POSITIVE)
 
     @property
     def requirements(self) -> Requirements:

@@ -82,5 +82,11 @@ def compute_passes(model: LanguageModel, batch: PairedBatch, req: Requirements, 
 def evaluate(objective: Objective, model: LanguageModel, batch: PairedBatch, ref_model: LanguageModel | None = None,
              chunk_size: int = 8192) -> Result:
     """Runs the passes ``objective`` needs and returns its ``Result`` (loss_sum, normalizer, metrics)."""
+    return evaluate_with_passes(objective, model, batch, ref_model, chunk_size)[0]
+
+
+def evaluate_with_passes(objective: Objective, model: LanguageModel, batch: PairedBatch,
+                         ref_model: LanguageModel | None = None, chunk_size: int = 8192) -> tuple[Result, Passes]:
+    """:func:`evaluate` and the passes it ran (evaluation also reads the personalized pass's log-probs)."""
     passes = compute_passes(model, batch, objective.requirements, chunk_size, ref_model)
-    return objective(passes, Targets.of(batch))
+    return objective(passes, Targets.of(batch)), passes

@@ -10,19 +10,31 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Mapping
 
 from percausal_jax.errors import UserError
 from percausal_jax.objectives.losses import CE, EntCE, LossCE, NextQuill, Objective, PerCE
+from percausal_jax.schema import NONNEGATIVE, closest_hint, config_dict, declared, key
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CE, PerCE, NextQuill, LossCE, EntCE)}
-BLOCK_KEYS = ("name", "vocab_chunk_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """The declarations of the objective block's own keys (beside one block of hyper-parameters per method)."""
+
+    name: str = key("perce", "the method trained; each method's block holds its hyper-parameters",
+                    choices=OBJECTIVES)
+    vocab_chunk_size: int = key(8192, "vocabulary chunk of the log-softmax head (read by the run spine)",
+                                bound=NONNEGATIVE)
+
+
+BLOCK_KEYS = tuple(f.name for f in dataclasses.fields(Block))
 
 
 def get(name: str, where: str = "objective") -> type[Objective]:
     if not isinstance(name, str) or name not in OBJECTIVES:
-        hint = _closest(name, OBJECTIVES) if isinstance(name, str) else ""
+        hint = closest_hint(name, OBJECTIVES) if isinstance(name, str) else ""
         raise UserError(f"{where}.name={name!r}: unknown objective{hint} (choose from {', '.join(OBJECTIVES)})")
     return OBJECTIVES[name]
 
@@ -40,7 +52,7 @@ def build(name: str, params: Mapping, where: str = "objective") -> Objective:
     kwargs = {}
     for key, value in params.items():
         if key not in known:
-            raise UserError(f"{where}.{name}.{key}: unknown hyper-parameter of {name}{_closest(key, known)} "
+            raise UserError(f"{where}.{name}.{key}: unknown hyper-parameter of {name}{closest_hint(key, known)} "
                             f"(has {', '.join(known)})")
         default = known[key].default
         if isinstance(default, bool):
@@ -64,7 +76,7 @@ def from_config(block: Mapping, where: str = "objective") -> Objective:
     block is checked, so a typo in any of them is an error, not a silently ignored key."""
     for key in block:
         if key not in BLOCK_KEYS and key not in OBJECTIVES:
-            raise UserError(f"{where}.{key}: unknown key{_closest(key, [*BLOCK_KEYS, *OBJECTIVES])} "
+            raise UserError(f"{where}.{key}: unknown key{closest_hint(key, [*BLOCK_KEYS, *OBJECTIVES])} "
                             f"(an objective block has {', '.join(BLOCK_KEYS)} and one block per method: "
                             f"{', '.join(OBJECTIVES)})")
     if "name" not in block:
@@ -74,16 +86,13 @@ def from_config(block: Mapping, where: str = "objective") -> Objective:
     return built.get(name) or build(name, {}, where)
 
 
+def declarations(prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """Every key of the objective block, dotted under ``prefix``, with its declaring field: the block's own keys,
+    then each method's hyper-parameters."""
+    return [*declared(Block, prefix), *(item for name, cls in OBJECTIVES.items()
+                                        for item in declared(cls, f"{prefix}{name}."))]
+
+
 def default_config():
-    """The ``objective`` block of ``configs/base.py``: every method's dataclass defaults (an ml_collections
-    ConfigDict, imported lazily so the objectives do not need ml_collections)."""
-    import ml_collections
-
-    return ml_collections.ConfigDict({
-        "name": "perce", "vocab_chunk_size": 8192,
-        **{name: {f.name: f.default for f in dataclasses.fields(cls)} for name, cls in OBJECTIVES.items()}})
-
-
-def _closest(key: str, candidates) -> str:
-    match = difflib.get_close_matches(key, list(candidates), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """The ``objective`` block of ``configs/base.py``: the declared defaults (an ml_collections ConfigDict)."""
+    return config_dict((name, f.default) for name, f in declarations())

@@ -1,5 +1,5 @@
 """A sweep's cells (method × LR × seed), the choice of each method's LR on validation, and the per-method summary
-over seeds on the test split. Plain typed values; the command (``percausal_jax.commands.sweep``) fills them."""
+over seeds on the test split. Plain typed values; the runner (:mod:`percausal_jax.sweep.runner`) fills them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Training driven in-process by a command that goes on afterwards (``percausal sweep``'s cells, ``percausal demo``).
+"""Training and evaluation driven in-process by a command that goes on afterwards (``percausal sweep``'s cells,
+``percausal demo``): the one way both train a cell (:func:`train_to_end`), evaluate it (:func:`evaluate`) and run
+another subcommand (:func:`run_command`).
 
 ``percausal train`` on SIGTERM saves a checkpoint and returns early (exit 0: a scheduler re-runs it). A command that
 drives training and then evaluates, compares or caches the result must not go on with that partly trained model:
@@ -9,6 +11,8 @@ resumes the run from its checkpoint; a run that already finished trains no furth
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from typing import Sequence
@@ -51,3 +55,49 @@ def train_to_end(config: str | os.PathLike, workdir, overrides: Sequence[str], w
         raise Preempted(f"{what}: training was preempted after {applied} of {rc.train.steps} steps (checkpoint saved "
                         f"in {workdir}); nothing after it ran: re-run the same command to resume")
     return time.perf_counter() - t
+
+
+def run_command(argv: Sequence, what: str | None = None) -> float:
+    """Runs ``percausal ARGV`` in this process (its output and error lines as on the command line); returns the wall
+    time. A failure (its own error line printed) raises a :class:`UserError` naming the subcommand, after ``what``
+    (the cell or step it belonged to) when given."""
+    from percausal_jax import cli
+
+    argv = [str(a) for a in argv]
+    t = time.perf_counter()
+    rc = cli.main(argv)
+    if rc:
+        raise UserError(f"{what}: `percausal {argv[0]}` failed (exit {rc})" if what is not None else
+                        f"`percausal {argv[0]}` failed with exit code {rc}")
+    return time.perf_counter() - t
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How a trained cell is evaluated: ``percausal eval``'s budget and reading flags."""
+
+    limit: int  # records generated for (0: all)
+    max_new_tokens: int
+    batch_size: int | None = None  # None: eval's default
+    strict: bool = False  # a record with an empty required field is an error
+    progress: bool = True  # eval's progress bar
+    extra: tuple = ()  # further eval flags (``--contrast 1``)
+
+    def argv(self, workdir, data, out) -> list:
+        from percausal_jax.evaluation.wordnet import available
+
+        return ["eval", "--workdir", workdir, "--data", data, "--out", out,
+                *([] if self.progress else ["--no-progress"]),
+                "--limit", self.limit, "--max-new-tokens", self.max_new_tokens,
+                *([] if self.batch_size is None else ["--batch-size", self.batch_size]), *self.extra,
+                *([] if available() else ["--no-meteor"]), *(["--strict"] if self.strict else [])]
+
+
+def evaluate(workdir, data, out: str | os.PathLike, decoding: Decoding, what: str | None = None) -> tuple[dict, float]:
+    """Generates for ``data`` with the run in ``workdir`` and scores the generations, as ``percausal eval`` (METEOR
+    when WordNet is installed); writes ``out`` (predictions) and ``out`` with ``.metrics.json``. Returns the metrics
+    and the wall time."""
+    from percausal_jax import storage
+
+    seconds = run_command(decoding.argv(workdir, data, out), what)
+    return json.loads(storage.path(out).with_suffix(".metrics.json").read_text()), seconds

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import PairedBatch
-from percausal_jax.data.pipeline import Buckets, Packing
+from percausal_jax.data.shapes import Buckets, Packing
 from percausal_jax.data.rows import BATCH_AXES, row_layout
 from percausal_jax.errors import UserError
 from percausal_jax.models.config import ModelConfig
@@ -119,7 +119,7 @@ def plan(rc: RunConfig, model_config: ModelConfig, topology: str, *, mfu: float 
         Lp, Lc, R = Packing.derive(fcfg, Buckets.multiples(fcfg, multiple), rc.data.pack_personal_len,
                                    rc.data.pack_counterfactual_len, rc.data.pack_response_len).capacity
     batch = PairedBatch.spec(B, Lp, Lc, R, sharding=NamedSharding(run.mesh, PartitionSpec(BATCH_AXES)))
-    ref = run.params if rc.objective.requirements.reference else None
+    ref = run.reference_params  # abstract: the trained layout stands in for a separate reference
     step_fn, state = run.train_step(), run.abstract_state()  # outside the TPU mesh: optax probes eagerly on CPU
     t0 = time.perf_counter()
     with jax.set_mesh(run.mesh):

@@ -78,9 +78,8 @@ def restore_model(workdir: storage.PathLike, step: int | None = None, overrides:
     current = {"model_path": source.name, "model_dir": str(pathlib.Path(source.local).resolve()),
                "model_revision": source.revision, "model_fingerprint": weights_fingerprint(source.local)}
     checkpoints.check_base(meta, current, checkpoints.directory(workdir) / str(step), base_moved)
-    run = setup.build(rc.with_model_path(source.local), for_export=True)
-    run.model_source = source
-    run.config = rc = rc.with_model_path(source.name)  # the config handed back names the model as the user did
+    rc = rc.with_model_path(source.name)  # the config handed back names the model as the user did
+    run = setup.build(rc, for_export=True, source=source)
     target = run.abstract_state()  # shapes and shardings (this machine's mesh) to restore into
     state, step = checkpoints.restore(checkpoints.manager(workdir, async_save=False), target, None,
                                       {**meta, "layout": run.layout()}, step)

@@ -1,13 +1,16 @@
 """The training loop behind ``percausal train``: the run (:func:`setup.build`) → Grain iterator → jitted step →
 metrics (JSONL, TensorBoard, progress bar) → periodic eval → Orbax checkpoints. Re-running the same command resumes.
+
+The loop body reads top-down; what surrounds it is small context managers on one :class:`contextlib.ExitStack`,
+so there is one close path whatever ends the run: :class:`Log` (metrics and progress; after a storage failure
+nothing more is uploaded), :class:`Saver` (checkpoints; waits for the last save unless the storage failed) and
+:class:`~percausal_jax.training.distributed.Preemption` (SIGTERM); around them the
+:class:`~percausal_jax.training.processes.SharedLock` (left for a takeover after a storage failure).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,98 +18,181 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from percausal_jax import atomic, storage
-from percausal_jax.lock import WorkdirLock
+from percausal_jax import storage
 from percausal_jax.config import RunConfig
 from percausal_jax.data.pairing import empty_batch, shape_of
-from percausal_jax.data.pipeline import to_global
-from percausal_jax.data.rows import RowLayout, block_length
+from percausal_jax.data.rows import RowLayout, block_length, to_global
 from percausal_jax.errors import StorageError, UserError
 from percausal_jax.evaluation import token_nll
+from percausal_jax.objectives.losses import NORMALIZER_EPS
 from percausal_jax.hf.checkpoint import resolve_model_dir, weights_fingerprint
 from percausal_jax.hf.gguf import resolve_model_arg
 from percausal_jax.training import checkpoints, processes, setup
 from percausal_jax.training.distributed import Preemption, common_shape
+from percausal_jax.training.metrics import MetricsWriter, host_rss_mib, per_token_metrics
+from percausal_jax.training.processes import SharedLock
 
 
-def host_rss_mib() -> float:
-    """This process's resident memory now (Linux ``/proc/self/statm``; elsewhere the peak, from getrusage)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def per_token_metrics(m: dict) -> dict:
-    """Sums → means over response tokens (``*_sum`` → ``*_mean``, ``*_count`` → ``frac_*``)."""
-    n = max(float(m.get("tokens", 0.0)), 1.0)
-    out = {}
-    for k, v in m.items():
-        v = float(v)
-        if k.endswith("_sum"):
-            out[k[:-4] + "_mean"] = v / n
-        elif k.endswith("_count"):
-            out["frac_" + k[:-6]] = v / n
-        else:
-            out[k] = v
-    return out
+def train(rc: RunConfig, workdir: str | Path, progress: bool = True, base_moved: bool = False) -> dict:
+    """Runs (or resumes) a training run, holding the workdir's lock; returns the last step's metrics (``{}`` when it
+    had already finished; ``"preempted": True`` when SIGTERM stopped it before ``train.steps``).
+    ``base_moved``: a resumed run may name its base model differently (another ``model.path``) as long as it holds
+    the same weights (:func:`checkpoints.check_base`); other weights are refused either way."""
+    if not rc.data.train:
+        raise UserError("data.train is not set (--config.data.train=FILE)")
+    with SharedLock(workdir) as lock:
+        return _train(rc, storage.path(workdir), progress, lock, base_moved)
 
 
-class MetricsWriter:
-    """``WORKDIR/metrics.jsonl`` (one line per logged step) and TensorBoard events under ``WORKDIR/tensorboard``,
-    written by process 0 only. Both are appended to local files (:class:`atomic.Mirror`: the workdir itself, or
-    for a ``gs://`` workdir a staging copy uploaded whole at :meth:`flush`: at every checkpoint, at the end, and
-    at most every 30 s while logging). ``resume_step``: lines of later steps (logged after the checkpoint a resumed
-    run restarts from) are dropped, so every step appears once."""
+def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock, base_moved: bool) -> dict:
+    t = rc.train
+    run, records, eval_records, meta = _start(rc, workdir, base_moved)
+    rows, iterator = run.row_layout(), run.data_iterator(records)
+    mngr = checkpoints.manager(workdir, keep=rc.checkpoint.keep)
+    state, start = _resume(mngr, run.init_state(), iterator, meta, base_moved)
+    step_fn, eval_step = run.train_step(), run.eval_step() if eval_records else None
+    rec: dict = {}
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(Log(workdir, start, t.steps, progress, _applied(state)))
+        saver = stack.enter_context(Saver(mngr, workdir, meta, rc.checkpoint.every_steps, lock, log))
+        preemption = stack.enter_context(Preemption())
+        while _applied(state) < t.steps:  # train.steps counts applied updates: a non-finite step is made up for
+            batch = common_shape(next(iterator))
+            state, rec = _step(run, step_fn, state, batch, rows)
+            n, done = rec["step"], _applied(state) == t.steps
+            if eval_step is not None and ((t.eval_every and n % t.eval_every == 0) or done):
+                rec.update(evaluate(run, eval_records, state.params, run.reference_params, eval_step))
+            if n % t.log_every == 0 or done:
+                processes.check_same_rows(n, batch, rows)
+                processes.check_same_loss(n, rec["loss"])
+                log.write(rec)
+            stop = preemption.should_stop(n)
+            saver.maybe_save(n, state, iterator, final=done or stop)
+            log.advance(rec)
+            if stop and not done:
+                print(f"preempted: checkpoint saved at step {n}; re-run the same command to resume", file=sys.stderr)
+                rec = {**rec, "preempted": True}
+                break
+        report_drops(iterator, rows, rc.data.max_response_len)
+    return rec
 
-    def __init__(self, workdir, resume_step: int | None = None):
-        self.enabled = jax.process_index() == 0
-        self.tb = None
-        if not self.enabled:
+
+def _start(rc: RunConfig, workdir, base_moved: bool):
+    """The checks that need no weights, then the run: ``(run, train records, eval records or None, checkpoint
+    meta)``. Every process checks that the others hold the same config, base weights, data and mesh."""
+    d = rc.data
+    processes.check_agree({"the config": rc.source})  # before any process acts on its own copy
+    model_config = setup.preflight(rc)
+    base = base_identity(rc.model.path)
+    processes.check_agree({"the base model's weights": base["model_fingerprint"]})  # every host's copy the same
+    checkpoints.check_resumable(workdir, setup.layout(rc, model_config), base, base_moved)  # before data, weights
+    records = setup.open_records(d, d.train, "data.train")  # bad data fails before the model loads
+    eval_records = setup.open_records(d, d.eval, "data.eval") if d.eval else None
+    run = setup.build(rc, contriever=setup.retriever(d, records, eval_records))
+    processes.check_agree({"data.train": processes.data_fingerprint(records),
+                           "data.eval": processes.data_fingerprint(eval_records or []),
+                           "the mesh": processes.mesh_fingerprint(run.mesh)})
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(f"rows: {run.row_layout().describe()}", file=sys.stderr)
+    meta = {"config": rc.source, "layout": run.layout(), "model_config": run.model_config.to_hf(), **base}
+    return run, records, eval_records, meta
+
+
+def _resume(mngr, state, iterator, meta: dict, base_moved: bool):
+    """``(state, step restored or None)``: the newest readable checkpoint, else the fresh state."""
+    restored, start = checkpoints.restore(mngr, state, iterator, meta, base_moved=base_moved)
+    if restored is None:
+        return state, start
+    print(f"resumed from step {start}", file=sys.stderr)
+    return restored, start
+
+
+def _applied(state) -> int:
+    """Updates applied so far: steps taken minus those skipped as non-finite."""
+    return int(state.step) - int(state.nan_skips)
+
+
+def _step(run: setup.Run, step_fn, state, batch, rows: RowLayout):
+    """One optimizer step on this process's rows of a global batch → ``(state, metrics record)``."""
+    t = run.config.train
+    step = int(state.step)
+    if step - _applied(state) > t.steps:
+        raise FloatingPointError(f"step {step}: more non-finite steps ({step - _applied(state)}) than train.steps")
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    with jax.set_mesh(run.mesh):
+        state, m = step_fn(state, run.frozen, run.reference_params, to_global(batch, run.mesh, rows))
+    m = jax.device_get(m)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    step = int(state.step)
+    if not bool(m.pop("finite")) and t.nan_policy == "fail":
+        raise FloatingPointError(f"step {step}: loss or gradient is not finite")
+    rec = {"step": step, **per_token_metrics(m), "step_time": dt, "step_cpu_time": cpu,
+           "tokens_per_s": float(m["tokens"]) / dt, "nan_skips": int(state.nan_skips), "host_rss_mib": host_rss_mib()}
+    if t.peak_tflops > 0:
+        flops = run.step_flops(t.global_batch_size, *shape_of(batch))
+        rec["mfu"] = flops / dt / (jax.device_count() * t.peak_tflops * 1e12)
+    return state, rec
+
+
+class Log:
+    """Metrics lines and the progress bar. Closed after a storage failure, nothing more is uploaded to a storage
+    known to be failing."""
+
+    def __init__(self, workdir, resume_step: int | None, total: int, progress: bool, applied: int):
+        self.workdir = workdir
+        self.writer = MetricsWriter(workdir, resume_step=resume_step)
+        self.bar = _progress(applied, total, progress)
+
+    def __enter__(self) -> Log:
+        return self
+
+    def write(self, rec: dict) -> None:
+        with checkpoints.storage_errors(f"writing the metrics of step {rec['step']}", self.workdir):
+            self.writer.write(rec)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def advance(self, rec: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.writer.close(upload=not isinstance(exc, StorageError))
+        self.bar.close()
+
+
+class Saver:
+    """Checkpoints every ``every`` steps and at the end (``final``), after checking the workdir is still this
+    run's; an async save's failure surfaces at the next save or at the final wait, as a storage error. On exit,
+    waits for the last save — unless the storage already failed."""
+
+    def __init__(self, mngr, workdir, meta: dict, every: int, lock: SharedLock, log: Log):
+        self.mngr, self.workdir, self.meta, self.every, self.lock, self.log = mngr, workdir, meta, every, lock, log
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def maybe_save(self, step: int, state, iterator, final: bool) -> None:
+        if step % self.every and not final:
             return
-        self.mirror = atomic.Mirror(workdir, pull=("metrics.jsonl",))
-        self.path = self.mirror.local / "metrics.jsonl"
-        if self.path.is_file():
-            lines = self.path.read_text().splitlines(keepends=True)
-            keep = [line for line in lines
-                    if line.strip() and (resume_step is not None and json.loads(line).get("step", 0) <= resume_step)]
-            if keep != lines:  # rewritten whole (a temporary file renamed over it): never seen half-rewritten
-                atomic.write_text(self.path, "".join(keep))
-        try:
-            from tensorboardX import SummaryWriter
+        self.lock.check()  # a run whose workdir was taken over (its lease expired) writes no more
+        with checkpoints.storage_errors(f"saving checkpoints (at step {step})", self.workdir):
+            checkpoints.save(self.mngr, step, state, iterator, self.meta, force=final)
+            self.log.flush()
 
-            self.tb = SummaryWriter(str(self.mirror.local / "tensorboard"))
-        except ImportError:
-            self.tb = None
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not isinstance(exc, StorageError):
+            with checkpoints.storage_errors("finishing the last checkpoint", self.workdir):
+                self.mngr.wait_until_finished()
 
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record["step"])
-        self.flush(force=False)
 
-    def flush(self, force: bool = True) -> None:
-        if not self.enabled:
-            return
-        if self.tb is not None and (force or self.mirror.remote):
-            self.tb.flush()
-        self.mirror.sync(force=force)
-
-    def close(self, upload: bool = True) -> None:
-        if not self.enabled:
-            return
-        if self.tb is not None:
-            self.tb.close()
-        self.mirror.close(upload)
+def base_identity(model_path: str) -> dict:
+    """The base model ``model_path`` names, as a checkpoint records it (:data:`checkpoints.BASE_KEYS`): the name
+    as given, its local directory, hub commit (or None) and content fingerprint."""
+    source = resolve_model_dir(resolve_model_arg(model_path))
+    return {"model_path": model_path, "model_dir": str(Path(source.local).resolve()),
+            "model_revision": source.revision, "model_fingerprint": weights_fingerprint(source.local)}
 
 
 def device_batch(batch, run: setup.Run, rows: RowLayout):
@@ -114,8 +200,8 @@ def device_batch(batch, run: setup.Run, rows: RowLayout):
     return to_global(common_shape(batch), run.mesh, rows)
 
 
-def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
-    """Objective loss on ``data.eval`` (one pass, at most ``train.eval_batches`` batches): Σ loss / Σ normalizer,
+def evaluate(run: setup.Run, records, params, ref_params, eval_step) -> dict:
+    """Objective loss on ``records`` (``data.eval``; one pass, at most ``train.eval_batches`` batches): Σ loss / Σ normalizer,
     and ``eval_nll`` (Σ gold-token NLL / Σ tokens). When eval records carry ``personal_spans``, also the NLL of
     their personal and generic tokens (:mod:`~percausal_jax.evaluation.token_nll`): ``eval_nll_personal``,
     ``eval_nll_generic`` (Σ nll / Σ tokens of the class over the pass) and ``eval_tokens_personal``,
@@ -123,7 +209,6 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
     (block 0) needs; a block that ran out feeds all-padding rows."""
     t = run.config.train
     rows = run.row_layout()
-    records = run.eval_records
     n_batches = min(t.eval_batches, -(-block_length(len(records), rows.block_rows, 0, rows.num_blocks)
                                       // rows.block_rows))
     it = run.data_iterator(records, num_epochs=1, shuffle=False)
@@ -143,169 +228,8 @@ def evaluate(run: setup.Run, params, ref_params, eval_step) -> dict:
     if total_ls is None or tokens == 0:
         raise UserError(f"{run.config.data.eval}: no evaluation examples")
     # eval_nll (mean gold-token NLL) compares across objectives; eval_loss is each objective's own loss
-    return {"eval_loss": float(np.sum(total_ls / np.maximum(total_n, 1e-12))), "eval_nll": nll / tokens,
+    return {"eval_loss": float(np.sum(total_ls / np.maximum(total_n, NORMALIZER_EPS))), "eval_nll": nll / tokens,
             "eval_tokens": tokens, **token_nll.class_means(by_class, prefix="eval_")}
-
-
-class SharedLock:
-    """``WORKDIR/.lock`` (:mod:`percausal_jax.lock`), held by process 0 for the whole job; every outcome (taken,
-    in use, lost to another run) is shared, so that every process stops together rather than wait in a collective
-    for one that stopped."""
-
-    def __init__(self, workdir, **lock_options):
-        self.workdir = workdir
-        self.lock = WorkdirLock(workdir, **lock_options) if jax.process_index() == 0 else None
-
-    def __enter__(self) -> SharedLock:
-        error = None
-        if self.lock is not None:
-            try:
-                self.lock.acquire()
-            except UserError as e:
-                error = e
-        if not processes.all_ok(error is None):
-            if self.lock is not None and error is None:
-                self.lock.release()
-            raise error or UserError(f"{self.workdir}: process 0 could not take the workdir lock (its error says "
-                                     "why)")
-        return self
-
-    def check(self) -> None:
-        """Every process raises when the lock was taken over by another run (its lease expired)."""
-        lost = self.lock is not None and bool(self.lock.lost)
-        if not processes.all_ok(not lost):
-            if self.lock is not None:
-                self.lock.check()
-            raise UserError(f"{self.workdir}: the workdir lock was taken over by another run (process 0 says by "
-                            "whom); stopping so that only one run writes it")
-
-    def abandon(self) -> None:
-        if self.lock is not None:
-            self.lock.abandon()
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-
-
-def train(rc: RunConfig, workdir: str | Path, progress: bool = True, base_moved: bool = False) -> dict:
-    """Runs (or resumes) a training run, holding the workdir's lock; returns the last step's metrics (``{}`` when it
-    had already finished; ``"preempted": True`` when SIGTERM stopped it before ``train.steps``).
-    ``base_moved``: a resumed run may name its base model differently (another ``model.path``) as long as it holds
-    the same weights (:func:`checkpoints.check_base`); other weights are refused either way."""
-    if not rc.data.train:
-        raise UserError("data.train is not set (--config.data.train=FILE)")
-    with SharedLock(workdir) as lock:
-        return _train(rc, storage.path(workdir), progress, lock, base_moved)
-
-
-def base_identity(model_path: str) -> dict:
-    """The base model ``model_path`` names, as a checkpoint records it (:data:`checkpoints.BASE_KEYS`): the name
-    as given, its local directory, hub commit (or None) and content fingerprint."""
-    source = resolve_model_dir(resolve_model_arg(model_path))
-    return {"model_path": model_path, "model_dir": str(Path(source.local).resolve()),
-            "model_revision": source.revision, "model_fingerprint": weights_fingerprint(source.local)}
-
-
-def _train(rc: RunConfig, workdir, progress: bool, lock: SharedLock, base_moved: bool = False) -> dict:
-    d, t = rc.data, rc.train
-    processes.check_agree({"the config": rc.source})  # before any process acts on its own copy
-    model_config = setup.preflight(rc)
-    base = base_identity(rc.model.path)
-    processes.check_agree({"the base model's weights": base["model_fingerprint"]})  # every host's copy the same
-    checkpoints.check_resumable(workdir, setup.layout(rc, model_config), base, base_moved)  # before data, weights
-    train_records = setup.open_records(d, d.train, "data.train")  # bad data fails before the model loads
-    eval_records = setup.open_records(d, d.eval, "data.eval") if d.eval else None
-    contriever = setup.retriever(d, train_records, eval_records)
-    run = setup.build(rc)
-    run.eval_records, run.contriever = eval_records, contriever
-    rows = run.row_layout()
-    processes.check_agree({"data.train": processes.data_fingerprint(train_records),
-                           "data.eval": processes.data_fingerprint(eval_records or []),
-                           "the mesh": processes.mesh_fingerprint(run.mesh)})
-    if jax.process_count() > 1 and jax.process_index() == 0:
-        print(f"rows: {rows.describe()}", file=sys.stderr)
-    state = run.init_state()
-    ref_params = run.reference_params()
-    iterator = run.data_iterator(train_records)
-    meta = {"config": rc.source, "layout": run.layout(), "model_config": run.model_config.to_hf(), **base}
-    mngr = checkpoints.manager(workdir, keep=rc.checkpoint.keep)
-    restored, start = checkpoints.restore(mngr, state, iterator, meta, base_moved=base_moved)
-    if restored is not None:
-        state = restored
-        print(f"resumed from step {start}", file=sys.stderr)
-    step_fn = run.train_step()
-    eval_step = run.eval_step() if d.eval else None
-    writer = MetricsWriter(workdir, resume_step=start)
-    n_dev = jax.device_count()
-    applied = int(state.step) - int(state.nan_skips)
-    bar = _progress(applied, t.steps, progress)
-    preemption = Preemption()
-    last: dict = {}
-    storage_failed = False
-    try:
-        # train.steps counts applied updates, as the schedule does: a skipped (non-finite) step is made up for
-        while applied < t.steps:
-            step = int(state.step)
-            if step - applied > t.steps:
-                raise FloatingPointError(f"step {step}: more non-finite steps ({step - applied}) than train.steps")
-            batch = common_shape(next(iterator))
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            with jax.set_mesh(run.mesh):
-                state, m = step_fn(state, run.frozen, ref_params, to_global(batch, run.mesh, rows))
-            m = jax.device_get(m)
-            dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            if not bool(m.pop("finite")) and t.nan_policy == "fail":
-                raise FloatingPointError(f"step {step + 1}: loss or gradient is not finite")
-            applied = step + 1 - int(state.nan_skips)
-            rec = {"step": step + 1, **per_token_metrics(m), "step_time": dt, "step_cpu_time": cpu,
-                   "tokens_per_s": float(m["tokens"]) / dt, "nan_skips": int(state.nan_skips),
-                   "host_rss_mib": host_rss_mib()}
-            if t.peak_tflops > 0:
-                global_rows = t.global_batch_size
-                rec["mfu"] = run.step_flops(global_rows, *shape_of(batch)) / dt / (n_dev * t.peak_tflops * 1e12)
-            done = applied == t.steps
-            if eval_step is not None and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
-                rec.update(evaluate(run, state.params, ref_params, eval_step))
-            if (step + 1) % t.log_every == 0 or done:
-                processes.check_same_rows(step + 1, batch, rows)
-                processes.check_same_loss(step + 1, rec["loss"])
-                with checkpoints.storage_errors(f"writing the metrics of step {step + 1}", workdir):
-                    writer.write(rec)
-            stop = preemption.should_stop(step + 1)
-            if (step + 1) % rc.checkpoint.every_steps == 0 or done or stop:
-                lock.check()  # a run whose workdir was taken over (its lease expired) writes no more
-                # an async save's failure surfaces at the next save (or at the final wait below)
-                with checkpoints.storage_errors(f"saving checkpoints (at step {step + 1})", workdir):
-                    checkpoints.save(mngr, step + 1, state, iterator, meta, force=done or stop)
-                    writer.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            last = rec
-            if stop and not done:
-                last = {**rec, "preempted": True}
-                print(f"preempted: checkpoint saved at step {step + 1}; re-run the same command to resume",
-                      file=sys.stderr)
-                break
-        report_drops(iterator, rows, d.max_response_len)
-    except StorageError:
-        storage_failed = True
-        raise
-    finally:
-        try:
-            if not storage_failed:
-                with checkpoints.storage_errors("finishing the last checkpoint", workdir):
-                    mngr.wait_until_finished()
-        except StorageError:
-            storage_failed = True
-            raise
-        finally:
-            preemption.restore()
-            writer.close(upload=not storage_failed)  # nothing more is sent to a storage known to be failing
-            bar.close()
-            if storage_failed:
-                lock.abandon()  # left for the next run to take over (this pid will be gone)
-    return last
 
 
 def report_drops(iterator, rows: RowLayout, max_response_len: int) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import jax
 import optax
 
-from percausal_jax.config import OptimizerSpec
+from percausal_jax.config import CHOICES, OptimizerSpec
 from percausal_jax.errors import UserError
 
-SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "sgd", "adafactor")
+SCHEDULES = CHOICES["optimizer.schedule"]  # declared with the config key (percausal_jax.config.OptimizerSpec)
+OPTIMIZERS = CHOICES["optimizer.name"]
 
 
 def schedule(cfg: OptimizerSpec, total_steps: int) -> optax.Schedule:

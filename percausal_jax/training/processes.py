@@ -5,7 +5,8 @@ every per-process decision is made once and shared.
 - :func:`check_same_rows` and :func:`check_same_loss` (each logged step): the replicas of a row block must have
   fed the same rows (a digest per block), and the loss every process computed must be bitwise the same;
 - :func:`all_ok` / :func:`sum_counts`: a flag or counts combined over processes (lock outcome, restore attempts,
-  drop tallies).
+  drop tallies);
+- :class:`SharedLock`: the workdir lock, held by process 0, its outcomes shared.
 
 A disagreement raises :class:`ProcessMismatch` on every process at once (they all compare the same gathered
 values): one line naming what differs, exit code 4, never a silent run. In one process every check is free.
@@ -20,7 +21,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from percausal_jax.errors import ProcessMismatch
+from percausal_jax.errors import ProcessMismatch, StorageError, UserError
+from percausal_jax.lock import WorkdirLock
 
 
 def _gather(values: np.ndarray) -> np.ndarray:
@@ -126,3 +128,42 @@ def broadcast_ints(values: Sequence[int]) -> list[int]:
     if jax.process_index() == 0:
         mine[:] = values
     return [int(x) for x in np.asarray(multihost_utils.broadcast_one_to_all(mine))]
+
+
+class SharedLock:
+    """``WORKDIR/.lock`` (:mod:`percausal_jax.lock`), held by process 0 for the whole job; every outcome (taken,
+    in use, lost to another run) is shared, so that every process stops together rather than wait in a collective
+    for one that stopped."""
+
+    def __init__(self, workdir, **lock_options):
+        self.workdir = workdir
+        self.lock = WorkdirLock(workdir, **lock_options) if jax.process_index() == 0 else None
+
+    def __enter__(self) -> SharedLock:
+        error = None
+        if self.lock is not None:
+            try:
+                self.lock.acquire()
+            except UserError as e:
+                error = e
+        if not all_ok(error is None):
+            if self.lock is not None and error is None:
+                self.lock.release()
+            raise error or UserError(f"{self.workdir}: process 0 could not take the workdir lock (its error says "
+                                     "why)")
+        return self
+
+    def check(self) -> None:
+        """Every process raises when the lock was taken over by another run (its lease expired)."""
+        lost = self.lock is not None and bool(self.lock.lost)
+        if not all_ok(not lost):
+            if self.lock is not None:
+                self.lock.check()
+            raise UserError(f"{self.workdir}: the workdir lock was taken over by another run (process 0 says by "
+                            "whom); stopping so that only one run writes it")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Released; after a storage failure left for the next run to take over (this pid will be gone), as
+        nothing more is sent to a storage known to be failing."""
+        if self.lock is not None:
+            self.lock.abandon() if isinstance(exc, StorageError) else self.lock.release()

@@ -11,6 +11,7 @@ shardings, the jitted steps and the FLOP model. ``build(rc, abstract=True, devic
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +24,8 @@ from percausal_jax import storage
 from percausal_jax.config import DataSpec, RunConfig
 from percausal_jax.data.featurize import FeaturizeConfig
 from percausal_jax.data.pipeline import make_iterator, open_source
-from percausal_jax.data.records import SkipReport, detect_kind
+from percausal_jax.data.records import detect_kind
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.data.rows import ProcessRows, RowLayout, row_layout
 from percausal_jax.data.retrieval import Contriever
 from percausal_jax.errors import UserError
@@ -32,14 +34,25 @@ from percausal_jax.hf.gguf import resolve_model_arg
 from percausal_jax.models.config import ModelConfig
 from percausal_jax.models.decoder import CausalLM
 from percausal_jax.models.lora import apply_lora
-from percausal_jax.models.partitioning import MESH_AXES, make_mesh, param_sharding
+from percausal_jax.models.partitioning import make_mesh, param_sharding
 from percausal_jax.objectives import Objective
 from percausal_jax.training import flops, step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The frozen reference of LossCE / NextQuill ``fixed_theta_d``, rebuilt identically on resume: the model named
+    by ``objective.<name>.reference_model`` (its own ``graphdef``), else the trained model's initial trainable
+    parameters (``graphdef`` None: merged with the trained model's layout)."""
+
+    graphdef: Any
+    params: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """Everything built from a config, before the loop starts. Abstract runs (AOT) have no tokenizer or files."""
+    """Everything built from a config, before the loop starts; immutable. Abstract runs (AOT) have shapes for
+    parameters and no tokenizer or files."""
 
     config: RunConfig
     mesh: Mesh
@@ -49,16 +62,19 @@ class Run:
     frozen: Any  # the rest (LoRA base), nnx.State
     tx: Any  # optax.GradientTransformation
     lr_schedule: Any
-    model_dir: Path | None = None  # local directory with the base model's files
-    model_source: storage.Resolved | None = None  # the base model as the user named it + hub revision
+    reference: Reference | None  # None: the objective has no reference model (or an export run)
+    model_source: storage.Resolved | None = None  # the base model as the user named it, its files, hub revision
     tokenizer: Any = None
     contriever: Contriever | None = None  # data.retriever="contriever", when the records need retrieval
-    eval_records: Any = None  # data.eval, read once
-    _reference: Any = None  # (graphdef, state) of objective.<name>.reference_model, loaded on first use
 
     @property
     def objective(self) -> Objective:
         return self.config.objective
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The local directory with the base model's files (None for abstract runs)."""
+        return None if self.model_source is None else Path(self.model_source.local)
 
     @property
     def featurize_config(self) -> FeaturizeConfig:
@@ -75,30 +91,9 @@ class Run:
     def abstract_state(self) -> step.TrainState:
         return step.abstract_state(self.params, self.tx, self.mesh)
 
-    def reference_params(self):
-        """The frozen reference of LossCE / NextQuill ``fixed_theta_d``, rebuilt identically on resume (None when
-        the objective has none): the model named by ``objective.<name>.reference_model``, else the initial
-        trainable parameters."""
-        if not self.objective.requirements.reference:
-            return None
-        separate = self._separate_reference()
-        return jax.tree.map(jnp.copy, self.params) if separate is None else separate[1]
-
     @property
-    def reference_graphdef(self):
-        """Layout of a separate reference model (None: the reference has the trained model's layout)."""
-        separate = self._separate_reference()
-        return None if separate is None else separate[0]
-
-    def _separate_reference(self):
-        """``(graphdef, state)`` of ``objective.<name>.reference_model``, loaded once; None when not set, and for
-        abstract runs (AOT plans use the trained model's layout as a stand-in)."""
-        name = getattr(self.objective, "reference_model", "")
-        if not name or not self.objective.requirements.reference or self.model_dir is None:
-            return None
-        if self._reference is None:
-            self._reference = _load_reference(self, name)
-        return self._reference
+    def reference_params(self):
+        return None if self.reference is None else self.reference.params
 
     def train_step(self):
         """The train step, jitted with the state donated and laid out by the one sharding recipe."""
@@ -111,6 +106,10 @@ class Run:
     def eval_step(self):
         return step.make_eval_step(self.graphdef, self.objective, self.config.vocab_chunk_size,
                                    self.reference_graphdef)
+
+    @property
+    def reference_graphdef(self):
+        return None if self.reference is None else self.reference.graphdef
 
     def step_flops(self, batch: int, personal_len: int, counterfactual_len: int, response_len: int) -> float:
         return flops.step_flops(self.model_config, self.objective.requirements, batch, personal_len,
@@ -154,54 +153,77 @@ def preflight(rc: RunConfig) -> ModelConfig:
     model's config.json (a supported model_type) and that its tokenizer fits its vocabulary. Returns the model's
     architecture."""
     _check_batch(rc, _mesh(rc, False, None))
-    source = resolve_model_dir(resolve_model_arg(rc.model.path))
-    model_config = read_config(source.local)
-    tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of model.path={rc.model.path}")
-    check_tokenizer(tokenizer, model_config, f"model.path={rc.model.path}")
-    return model_config
+    return resolve_model(rc.model.path, f"model.path={rc.model.path}").config
 
 
 def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, devices: Sequence | None = None,
-          model_config: ModelConfig | None = None) -> Run:
-    """The run of ``rc``. ``for_export``: the mesh is every local device on the fsdp axis (``(1, -1, 1)``), whatever
-    mesh the run trained on (Orbax restores onto any mesh), and no batch-size check applies. ``abstract``: shapes
-    only, on ``devices`` (e.g. a TPU topology's), with ``model_config`` or the config.json of ``model.path``."""
+          model_config: ModelConfig | None = None, source: storage.Resolved | None = None,
+          contriever: Contriever | None = None) -> Run:
+    """The run of ``rc``; abstract and concrete runs differ only in where the parameters come from.
+
+    ``abstract``: shapes only (``jax.ShapeDtypeStruct`` leaves, nothing allocated or read), on ``devices`` (e.g. a
+    TPU topology's), with ``model_config`` or the config.json of ``model.path``. Otherwise the weights are read
+    from ``source`` (default: ``model.path`` resolved), sharded straight from the checkpoint. ``for_export``: the
+    mesh is every local device on the fsdp axis (``(1, -1, 1)``), whatever mesh the run trained on (Orbax restores
+    onto any mesh), with no batch-size check and no reference model. ``contriever``: the retriever the data
+    iterators use (:func:`retriever`)."""
     mesh = _mesh(rc, for_export, devices)
     if not for_export:
         _check_batch(rc, mesh)
     from percausal_jax.training.optim import make_optimizer
 
     tx, lr_schedule = make_optimizer(rc.optimizer, rc.train.steps)
+    model, tokenizer = None, None
     if abstract:
         mc = model_config or model_config_of(rc.model.path)
-        graphdef, params, frozen = _abstract_model(rc, mc, mesh)
-        return Run(rc, mesh, mc, graphdef, params, frozen, tx, lr_schedule)
-    source = resolve_model_dir(resolve_model_arg(rc.model.path))
-    tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of model.path={rc.model.path}")
-    check_tokenizer(tokenizer, read_config(source.local), f"model.path={rc.model.path}")
-    m = rc.model
-    model = load_pretrained(source.local, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype,
-                            scan_layers=m.scan_layers, remat_policy=m.remat_policy, attention_impl=m.attention_impl)
-    if rc.lora.rank > 0:
-        apply_lora(model, rc.lora.rank, rc.lora.alpha, rc.lora.targets, seed=rc.seed)
+        model = nnx.eval_shape(lambda: _with_lora(rc, _new_model(rc, mc, mesh)))
+    else:
+        resolved = resolve_model(rc.model.path, f"model.path={rc.model.path}", source)
+        source, tokenizer = resolved.source, resolved.tokenizer
+        model = _with_lora(rc, _load_model(rc, source, mesh))
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam if rc.lora.rank > 0 else nnx.Param, ...)
-    params = _place(params, mesh, m.scan_layers)
-    return Run(rc, mesh, model.config, graphdef, params, frozen, tx, lr_schedule, source.local, source, tokenizer)
+    place = functools.partial(_shard_abstract if abstract else _place, mesh=mesh, scanned=rc.model.scan_layers)
+    params, frozen = place(params), place(frozen) if abstract else frozen  # a loaded base is already in place
+    reference = None
+    if rc.objective.requirements.reference and not for_export:
+        name = getattr(rc.objective, "reference_model", "")
+        if name and not abstract:
+            reference = _load_reference(rc, name, mesh, model.config)
+        else:  # the initial parameters; AOT plans use the trained model's layout as a stand-in for a separate one
+            reference = Reference(None, params if abstract else jax.tree.map(jnp.copy, params))
+    return Run(rc, mesh, model.config, graphdef, params, frozen, tx, lr_schedule, reference, source, tokenizer,
+               contriever)
 
 
-def _load_reference(run: Run, name: str):
-    """``(graphdef, state)`` of the reference model ``name`` (path, gs:// or hub id), sharded on the run's mesh
-    like the trained model; its vocabulary must be the trained model's (the same tokenizer scores both)."""
-    m = run.config.model
-    source = resolve_model_dir(resolve_model_arg(name))
-    model = load_pretrained(source.local, dtype=m.dtype, mesh=run.mesh, compute_dtype=m.compute_dtype,
-                            scan_layers=m.scan_layers, attention_impl=m.attention_impl)
-    if model.config.vocab_size != run.model_config.vocab_size:
-        raise UserError(f"objective.{run.objective.name}.reference_model={name!r}: vocabulary of "
-                        f"{model.config.vocab_size} tokens, but the trained model has {run.model_config.vocab_size} "
+def _new_model(rc: RunConfig, mc: ModelConfig, mesh: Mesh) -> CausalLM:
+    m = rc.model
+    return CausalLM(mc, dtype=to_dtype(m.compute_dtype), param_dtype=to_dtype(m.dtype), scan_layers=m.scan_layers,
+                    remat_policy=m.remat_policy, attention_impl=m.attention_impl, rngs=nnx.Rngs(0),
+                    backend=mesh.devices.flat[0].platform)  # "auto" picks the kernel of the planned chips
+
+
+def _load_model(rc: RunConfig, source: storage.Resolved, mesh: Mesh, remat: bool = True) -> CausalLM:
+    m = rc.model
+    return load_pretrained(source.local, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype,
+                           scan_layers=m.scan_layers, remat_policy=m.remat_policy if remat else "none",
+                           attention_impl=m.attention_impl)
+
+
+def _with_lora(rc: RunConfig, model: CausalLM) -> CausalLM:
+    lora = rc.lora
+    return apply_lora(model, lora.rank, lora.alpha, lora.targets, seed=rc.seed) if lora.rank > 0 else model
+
+
+def _load_reference(rc: RunConfig, name: str, mesh: Mesh, trained: ModelConfig) -> Reference:
+    """The reference model ``name`` (path, gs:// or hub id), sharded on the run's mesh like the trained model; its
+    vocabulary must be the trained model's (the same tokenizer scores both)."""
+    model = _load_model(rc, resolve_model_dir(resolve_model_arg(name)), mesh, remat=False)
+    if model.config.vocab_size != trained.vocab_size:
+        raise UserError(f"objective.{rc.objective.name}.reference_model={name!r}: vocabulary of "
+                        f"{model.config.vocab_size} tokens, but the trained model has {trained.vocab_size} "
                         "(a reference must share the tokenizer)")
     graphdef, state = nnx.split(model)
-    return graphdef, state
+    return Reference(graphdef, state)
 
 
 def _mesh(rc: RunConfig, for_export: bool, devices: Sequence | None) -> Mesh:
@@ -230,25 +252,11 @@ def _place(state, mesh: Mesh, scanned: bool):
     return nnx.from_flat_state(flat)
 
 
-def _abstract_model(rc: RunConfig, mc: ModelConfig, mesh: Mesh):
-    m = rc.model
-
-    def create():
-        model = CausalLM(mc, dtype=to_dtype(m.compute_dtype), param_dtype=to_dtype(m.dtype), scan_layers=m.scan_layers,
-                         remat_policy=m.remat_policy, attention_impl=m.attention_impl, rngs=nnx.Rngs(0),
-                         backend=mesh.devices.flat[0].platform)  # "auto" picks the kernel of the planned chips
-        return apply_lora(model, rc.lora.rank, rc.lora.alpha, rc.lora.targets) if rc.lora.rank > 0 else model
-
-    graphdef, params, frozen = nnx.split(nnx.eval_shape(create), nnx.LoRAParam if rc.lora.rank > 0 else nnx.Param,
-                                         ...)
-
-    def shard(state):
-        return nnx.from_flat_state([
-            (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                               sharding=param_sharding(p, v.shape, mesh, m.scan_layers))))
-            for p, v in nnx.to_flat_state(state)])
-
-    return graphdef, shard(params), shard(frozen)
+def _shard_abstract(state, mesh: Mesh, scanned: bool):
+    """Every leaf of an abstract nnx.State as a ``ShapeDtypeStruct`` carrying its parameter sharding."""
+    return nnx.from_flat_state([
+        (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=param_sharding(p, v.shape, mesh, scanned))))
+        for p, v in nnx.to_flat_state(state)])
 
 
 def model_config_of(path: str) -> ModelConfig:
@@ -268,13 +276,33 @@ def model_config_of(path: str) -> ModelConfig:
 # ------------------------------------------------------------------------------------------ models by name, data
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Pretrained:
     """A model named on the command line (``--model``: HF dir, hub id, gs:// URL, ``embedded``) and its tokenizer."""
 
     model: CausalLM
     tokenizer: Any
     source: storage.Resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """A model found by :func:`resolve_model`, before its weights are read."""
+
+    source: storage.Resolved  # where its files are, and the name and revision the user gave
+    config: ModelConfig
+    tokenizer: Any
+
+
+def resolve_model(name: str, where: str, source: storage.Resolved | None = None) -> ResolvedModel:
+    """The one way a model is found: ``name`` (HF dir, hub id, gs:// URL, GGUF, ``embedded``; or an already
+    resolved ``source``) → its local files, its architecture (config.json: a supported model_type) and its tokenizer,
+    which must fit its vocabulary. ``where`` names it in errors."""
+    source = source or resolve_model_dir(resolve_model_arg(name))
+    model_config = read_config(source.local)
+    tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of {where}")
+    check_tokenizer(tokenizer, model_config, where)
+    return ResolvedModel(source, model_config, tokenizer)
 
 
 def check_tokenizer(tokenizer, model_config: ModelConfig, where: str) -> None:
@@ -286,10 +314,8 @@ def check_tokenizer(tokenizer, model_config: ModelConfig, where: str) -> None:
 
 
 def pretrained(name: str, dtype: str = "float32") -> Pretrained:
-    source = resolve_model_dir(resolve_model_arg(name))
-    tokenizer = storage.load_tokenizer(source.local, what=f"tokenizer of {name}")
-    check_tokenizer(tokenizer, read_config(source.local), name)
-    return Pretrained(load_pretrained(source.local, dtype=dtype), tokenizer, source)
+    resolved = resolve_model(name, name)
+    return Pretrained(load_pretrained(resolved.source.local, dtype=dtype), resolved.tokenizer, resolved.source)
 
 
 def retriever(d: DataSpec, *sources) -> Contriever | None:

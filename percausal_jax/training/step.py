@@ -25,7 +25,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from percausal_jax.evaluation.token_nll import class_sums
-from percausal_jax.objectives import Objective, Result, Targets, compute_passes, evaluate
+from percausal_jax.objectives import Objective, Result, Targets, compute_passes, evaluate, normalized_loss
+from percausal_jax.objectives.passes import evaluate_with_passes
 from percausal_jax.training.accumulate import accumulate, split_micro
 
 
@@ -45,16 +46,24 @@ def reference_model(graphdef, ref_params, frozen, ref_graphdef=None):
     return nnx.merge(ref_graphdef, ref_params)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, objective: Objective, *,
-                    grad_accum_steps: int = 1, chunk_size: int = 8192, nan_policy: str = "skip",
-                    ref_graphdef=None):
-    """Returns the un-jitted ``train_step``; see :func:`jit_train_step`."""
+def model_builder(graphdef, objective: Objective, ref_graphdef=None):
+    """``models(params, frozen, ref_params) -> (model, reference)``: the trained model, and the frozen reference
+    (:func:`reference_model`) when ``objective`` compares against one, else None. One recipe for train and eval."""
     needs_ref = bool(objective.requirements.reference)
-    k = grad_accum_steps
 
     def models(params, frozen, ref_params):
         model = nnx.merge(graphdef, params, frozen)
         return model, reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
+
+    return models
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, objective: Objective, *,
+                    grad_accum_steps: int = 1, chunk_size: int = 8192, nan_policy: str = "skip",
+                    ref_graphdef=None):
+    """Returns the un-jitted ``train_step``; see :func:`jit_train_step`."""
+    models = model_builder(graphdef, objective, ref_graphdef)
+    k = grad_accum_steps
 
     def normalizer(params, frozen, ref_params, mb) -> jax.Array:
         """Forward-only: the objective's normalizers of one micro-batch from just the passes they need."""
@@ -67,7 +76,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, obj
             model, ref = models(params, frozen, ref_params)
             res = evaluate(objective, model, mb, ref, chunk_size)
             denom = jax.lax.stop_gradient(res.normalizer if norm is None else norm)
-            return jnp.sum(res.loss_sum / jnp.maximum(denom, 1e-12)), res
+            return normalized_loss(res.loss_sum, denom), res
 
         micro = split_micro(batch, k)
         norm = objective.data_normalizer(Targets.of(micro))
@@ -79,7 +88,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, obj
             norm = jax.lax.map(lambda mb: normalizer(state.params, frozen, ref_params, mb), micro).sum(0)
         loss, grads, metrics, norm = accumulate(jax.value_and_grad(loss_fn, has_aux=True), state.params, micro, norm)
         if deferred:
-            scale = 1.0 / jnp.maximum(norm[0], 1e-12)
+            scale = normalized_loss(1.0, norm[0])  # 1 / N, N the one summed normalizer
             loss, grads = loss * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -112,14 +121,12 @@ def make_eval_step(graphdef, objective: Objective, chunk_size: int = 8192, ref_g
     """``eval_step(params, frozen, ref_params, batch) -> Result`` sums (loss_sum, normalizer, metrics), no grad.
     The metrics also hold the personalized pass's NLL sums per token class (``token_nll.SUM_KEYS``; zero when the
     batch's tokens are unclassified)."""
-    needs_ref = bool(objective.requirements.reference)
+    models = model_builder(graphdef, objective, ref_graphdef)
 
     @jax.jit
     def eval_step(params, frozen, ref_params, batch):
-        model = nnx.merge(graphdef, params, frozen)
-        ref = reference_model(graphdef, ref_params, frozen, ref_graphdef) if needs_ref else None
-        passes = compute_passes(model, batch, objective.requirements, chunk_size, ref)
-        res = objective(passes, Targets.of(batch))
+        model, ref = models(params, frozen, ref_params)
+        res, passes = evaluate_with_passes(objective, model, batch, ref, chunk_size)
         r = batch.response
         return res._replace(metrics={**res.metrics, **class_sums(passes.p.logp, r.weight, r.token_class)})
 

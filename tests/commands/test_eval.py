@@ -113,7 +113,7 @@ def test_skipped_record_is_reported_and_strict_is_an_error(model_and_data, tmp_p
 def test_metrics_are_written_last_and_an_old_pair_never_passes_for_a_new_one(tmp_path, monkeypatch):
     """A failure between the two writes leaves the new predictions and no metrics (not the previous eval's)."""
     from percausal_jax import atomic
-    from percausal_jax.commands import eval as eval_cmd
+    from percausal_jax.evaluation import run as eval_cmd
 
     out, metrics = tmp_path / "p.jsonl", tmp_path / "p.metrics.json"
     eval_cmd.write_pair(out, None, [{"id": "a", "prediction": "x"}], {"n": 1})

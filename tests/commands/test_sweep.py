@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from percausal_jax import cli
-from percausal_jax.commands import sweep
 from percausal_jax.evaluation.plots import read_series
+from percausal_jax.sweep import runner as sweep
+from percausal_jax.sweep import training
 from percausal_jax.sweep.spec import Method, parse_methods
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 from tests.training.common import RECORDS
@@ -29,7 +30,7 @@ def _flag(argv, name):
 
 
 class FakeRuns:
-    """Stands in for `percausal train` / `percausal eval` (sweep._train, sweep._call): writes the files they would
+    """Stands in for `percausal train` / `percausal eval` (training.train_to_end, training.run_command): writes the files they would
     write."""
 
     def __init__(self, val: Path, test: Path):
@@ -67,9 +68,9 @@ def fake(tmp_path, monkeypatch):
     for name in ("train", "val", "test"):
         (tmp_path / f"{name}.jsonl").write_text(json.dumps({**RECORDS[0], "personal_spans": [[2, 12]]}) + "\n")
     runs = FakeRuns(tmp_path / "val.jsonl", tmp_path / "test.jsonl")
-    monkeypatch.setattr(sweep, "_call", runs)
-    monkeypatch.setattr(sweep, "_train", lambda args, work, overrides, what: runs(
-        ["train", "--config", args.config, "--workdir", work, *overrides], what))
+    monkeypatch.setattr(training, "run_command", runs)
+    monkeypatch.setattr(training, "train_to_end", lambda config, work, overrides, what: runs(
+        ["train", "--config", config, "--workdir", work, *overrides], what))
     argv = ["sweep", "--config", "configs/tiny.py", "--out", str(tmp_path / "sw"), "--train",
             str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--test", str(tmp_path / "test.jsonl"),
             "--objectives", "ce,perce[clip_max=2]", "--lrs", "1e-4,3e-3", "--seeds", "0,1"]

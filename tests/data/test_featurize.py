@@ -130,7 +130,7 @@ def test_separator_ends_both_raw_prompts_and_never_the_response():
 
 def test_prepared_raw_records_featurize_like_their_canonical_source():
     """What prepare writes for template none (the text with the separator) gives the canonical record's ids."""
-    from percausal_jax.commands.prepare import prompt_record
+    from percausal_jax.data.prepare import prompt_record
 
     tok = make_tokenizer()
     featurizer = Featurizer(tok, FeaturizeConfig(template="none", retriever="recency", k=2))

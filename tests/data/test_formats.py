@@ -15,7 +15,8 @@ from percausal_jax import cli, storage
 from percausal_jax.data.featurize import FeaturizeConfig, Featurizer
 from percausal_jax.data.files import iter_rows, write_jsonl
 from percausal_jax.data.pipeline import make_iterator, open_source
-from percausal_jax.data.records import SkipReport, read_records
+from percausal_jax.data.records import read_records
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.errors import UserError
 from tests.data.tokenizer_fixture import longlamp_rows, make_tokenizer, save_tokenizer
 from tests.gcs import upload_tree

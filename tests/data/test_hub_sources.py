@@ -16,7 +16,8 @@ from tests.helpers import hub_snapshot
 
 from percausal_jax import cli
 from percausal_jax.data import sources
-from percausal_jax.data.records import SkipReport, read_records
+from percausal_jax.data.records import read_records
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.data.retrieval import Contriever
 from percausal_jax.errors import UserError
 from tests.data.tokenizer_fixture import longlamp_rows, save_tokenizer, write_amazon, write_lamp

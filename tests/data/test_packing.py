@@ -14,7 +14,8 @@ import pytest
 from percausal_jax.config import RunConfig, load_config
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, Kept
 from percausal_jax.data.pairing import PairedExample, shape_of
-from percausal_jax.data.pipeline import Buckets, Packing, PairedBatchIterator, check_packing
+from percausal_jax.data.pipeline import PairedBatchIterator
+from percausal_jax.data.shapes import Buckets, Packing, check_packing
 from percausal_jax.data.rows import RowLayout
 from percausal_jax.errors import UserError
 from tests.data.test_pipeline import RECORDS, assert_same_batches, expected_examples, iterator, take, unpack

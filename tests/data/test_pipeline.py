@@ -12,7 +12,9 @@ import pytest
 
 from percausal_jax.data.featurize import Dropped, FeaturizeConfig, Featurizer, Kept
 from percausal_jax.data.pairing import PairedExample
-from percausal_jax.data.pipeline import Buckets, PairedBatchIterator, boundaries, make_iterator, to_global
+from percausal_jax.data.pipeline import PairedBatchIterator, make_iterator
+from percausal_jax.data.shapes import Buckets, boundaries
+from percausal_jax.data.rows import to_global
 from percausal_jax.errors import UserError
 from tests.data.tokenizer_fixture import make_tokenizer
 

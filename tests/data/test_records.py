@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from percausal_jax.data.files import write_jsonl
-from percausal_jax.data.records import SkipReport, detect_kind, read_records
+from percausal_jax.data.records import detect_kind, read_records
+from percausal_jax.data.skips import SkipReport
 from percausal_jax.errors import UserError
 
 REVIEW_ITEM = {"overall": 5.0, "description": "A kettle.", "summary": "Great", "reviewText": "Boils fast."}

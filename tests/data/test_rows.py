@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh
 
 from percausal_jax.data.pairing import shape_of
-from percausal_jax.data.pipeline import to_global
+from percausal_jax.data.rows import to_global
 from percausal_jax.data.rows import ProcessRows, RowLayout, block_length, row_layout
 from percausal_jax.models.partitioning import make_mesh
 from tests.data.test_pipeline import iterator, unpack

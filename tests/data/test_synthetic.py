@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
+from percausal_jax.commands.synth import register
 from percausal_jax.data import build_pair, read_records, top_k
-from percausal_jax.data.synthetic import generate, register, split_by_user
+from percausal_jax.data.synthetic import generate, split_by_user
 from percausal_jax.errors import UserError
 
 

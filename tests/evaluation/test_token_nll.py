@@ -111,8 +111,7 @@ def tiny_run(tmp_path_factory):
 def _loop_eval(run, eval_step, records):
     from percausal_jax.training.loop import evaluate
 
-    run.eval_records = records
-    return evaluate(run, run.params, None, eval_step)
+    return evaluate(run, records, run.params, None, eval_step)
 
 
 def test_eval_split_matches_pytorch(tiny_run):

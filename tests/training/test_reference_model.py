@@ -34,7 +34,7 @@ def _rc(dirs, *extra):
 
 def test_lossce_excess_is_measured_against_the_named_model(dirs):
     run = spine.build(_rc(dirs, f"--config.objective.lossce.reference_model={dirs['ref']}"))
-    ref_state = run.reference_params()
+    ref_state = run.reference_params
     assert run.reference_graphdef is not None
     batch = jax.tree.map(jnp.asarray, collate([[e] for e in _examples(4, seed=1)], 24, 16, 10))
     ref_model = spine.pretrained(str(dirs["ref"])).model
@@ -49,9 +49,9 @@ def test_lossce_excess_is_measured_against_the_named_model(dirs):
 
 
 def test_reference_must_share_the_vocabulary(dirs):
-    run = spine.build(_rc(dirs, f"--config.objective.lossce.reference_model={dirs['other_vocab']}"))
+    rc = _rc(dirs, f"--config.objective.lossce.reference_model={dirs['other_vocab']}")
     with pytest.raises(UserError, match="lossce.reference_model=.*vocabulary of 300 tokens"):
-        run.reference_params()
+        spine.build(rc)
 
 
 def test_nextquill_reference_needs_fixed_theta_d(dirs):
