@@ -230,14 +230,18 @@ def _walk(root: epath.Path) -> Iterable[tuple[epath.Path, str]]:
             yield p, p.name
 
 
+def _existing(src: epath.Path, exists: bool, p: PathLike, what: str) -> pathlib.Path:
+    if not exists:
+        raise UserError(f"{p}: no such {what}")
+    return pathlib.Path(os.fspath(src))
+
+
 def local_file(p: PathLike, what: str = "file") -> pathlib.Path:
     """A local path holding ``p``'s bytes (``p`` itself when local; for a remote file a cached copy, fetched again
     when the object's version changed)."""
     src = path(p)
     if not is_remote(src):
-        if not src.is_file():
-            raise UserError(f"{p}: no such {what}")
-        return pathlib.Path(os.fspath(src))
+        return _existing(src, src.is_file(), p, what)
     dest = _cache_path(os.fspath(src))
     fs, rpath = _fs(os.fspath(src))
     with _cache_lock(dest):
@@ -267,9 +271,7 @@ def local_dir(p: PathLike, what: str = "directory", include: tuple[str, ...] | N
     one, or gone (an error rather than a silent mix of two exports)."""
     src = path(p)
     if not is_remote(src):
-        if not src.is_dir():
-            raise UserError(f"{p}: no such {what}")
-        return pathlib.Path(os.fspath(src))
+        return _existing(src, src.is_dir(), p, what)
     dest = _cache_path(os.fspath(src))
     fs, root = _fs(os.fspath(src))
     with _cache_lock(dest):

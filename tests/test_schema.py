@@ -7,7 +7,6 @@ with its own source."""
 import dataclasses
 
 import jax.numpy as jnp
-import ml_collections
 import pytest
 
 from percausal_jax import cli, config
@@ -15,18 +14,11 @@ from percausal_jax.config import RunConfig, declarations, default_config, descri
 from percausal_jax.errors import UserError
 from percausal_jax.objectives import PerCE, normalized_loss, registry
 from percausal_jax.schema import UNIT, Bound, closest_hint, key
+from tests.test_config import _leaves
 
 BASE = "configs/base.py"
 
 
-def _leaves(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
-    out = {}
-    for name, value in cfg.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(_leaves(value, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = value
-    return out
 
 
 def _read(*overrides: str) -> RunConfig:
