@@ -216,6 +216,10 @@ class LoraSpec:
     alpha: float = key(16.0, "LoRA scale numerator (scale = alpha / rank)", bound=POSITIVE)
     targets: tuple[str, ...] = key(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                                    "projections that get adapters")
+    # as models.qlora.QUANTIZE_BASE (not imported: this module stays free of jax)
+    quantize_base: str = key("none", "QLoRA: the frozen base kernels of the adapted projections stored as int8 "
+                                     "(per-column absmax) or nf4 (64-row blocks, 0.56 bytes per weight); adapters "
+                                     "stay float (needs lora.rank > 0)", choices=("none", "int8", "nf4"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +319,9 @@ class RunConfig:
         check_bounds(self.objective, f"objective.{self.objective.name}.")
         _check_ordered(self.objective)
         _check_mesh(self.mesh)
+        if self.lora.quantize_base != "none" and self.lora.rank == 0:
+            raise UserError(f"lora.quantize_base={self.lora.quantize_base!r} quantizes the frozen base of a LoRA "
+                            "run: set lora.rank > 0 (full fine-tuning trains every weight in float)")
         t = self.train
         if t.global_batch_size % t.grad_accum_steps:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "

@@ -108,8 +108,11 @@ def test_choices_declared_without_jax_match_the_implementations():
     from percausal_jax.models.decoder import REMAT_POLICIES
     from percausal_jax.training.optim import make_optimizer
 
+    from percausal_jax.models.qlora import QUANTIZE_BASE
+
     choices = dict(declarations())
     assert set(choices["model.remat_policy"].metadata["choices"]) == set(REMAT_POLICIES)
+    assert set(choices["lora.quantize_base"].metadata["choices"]) == set(QUANTIZE_BASE)
     for name in choices["optimizer.name"].metadata["choices"]:
         for schedule in choices["optimizer.schedule"].metadata["choices"]:
             tx, lr = make_optimizer(dataclasses.replace(OptimizerSpec(), name=name, schedule=schedule), 10)

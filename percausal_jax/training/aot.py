@@ -13,6 +13,8 @@ import dataclasses
 import time
 
 import jax
+import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from percausal_jax.config import RunConfig
@@ -50,6 +52,8 @@ class Plan:
     peak_flops: float
     compile_seconds: float = 0.0  # wall time of lower + compile on this machine
     rows: str = ""  # how the global batch's rows reach the slice's processes (rows.RowLayout.describe)
+    frozen_bytes: int = 0  # per chip: the frozen (LoRA base) weights, as stored (lora.quantize_base)
+    quantize_base: str = "none"
 
     @property
     def peak_bytes(self) -> int:
@@ -71,6 +75,8 @@ class Plan:
             f"data layout: {self.rows}",
             f"per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"outputs {gib(self.output_bytes)}, aliased (donated) {gib(self.alias_bytes)}",
+            f"per chip, the frozen base as stored (lora.quantize_base={self.quantize_base}): "
+            f"{gib(self.frozen_bytes)} (part of the arguments)",
             f"per chip peak {gib(self.peak_bytes)} of {gib(self.hbm_bytes)} HBM: "
             + ("FITS" if self.fits else "DOES NOT FIT"),
             f"model FLOPs per chip per step {self.model_flops_per_chip:.3e} (XLA cost analysis: "
@@ -132,4 +138,14 @@ def plan(rc: RunConfig, model_config: ModelConfig, topology: str, *, mfu: float 
                 "counterfactual": Lc, "response": R, "batch": B}, mem.argument_size_in_bytes,
                 mem.temp_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, hbm,
                 float(cost.get("flops", 0.0)), run.step_flops(B, Lp, Lc, R) / len(devices), mfu, peak,
-                seconds, row_layout(run.mesh, B, process=0).describe())
+                seconds, row_layout(run.mesh, B, process=0).describe(), per_chip_bytes(run.frozen),
+                rc.lora.quantize_base)
+
+
+def per_chip_bytes(state) -> int:
+    """The bytes of one chip's shards of an abstract, sharded nnx.State (the largest shard of each leaf)."""
+    total = 0
+    for _, v in nnx.to_flat_state(state):
+        x = v.get_value()  # (an abstract leaf: a ShapeDtypeStruct with its sharding)
+        total += int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    return total

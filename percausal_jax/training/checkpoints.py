@@ -23,7 +23,9 @@ from percausal_jax.training import processes
 
 ITEMS = ("state", "iter", "meta")
 # Keys of the meta item that must match between the checkpoint and the run restoring it.
-LAYOUT_KEYS = ("model_type", "num_params", "scan_layers", "param_dtype", "lora_rank", "objective", "optimizer")
+LAYOUT_KEYS = ("model_type", "num_params", "scan_layers", "param_dtype", "lora_rank", "lora_quantize_base",
+               "objective", "optimizer")
+LAYOUT_DEFAULTS = {"lora_quantize_base": "none"}  # what checkpoints written before a key existed had
 log = logging.getLogger(__name__)
 # tensorstore (Orbax's array writer) retries a failing GCS request 32 times, up to 32 s apart (~15 min) by default;
 # bounded here so that a storage outage fails the save in about a minute. gcsfs (the small files) retries 6 times.
@@ -272,8 +274,9 @@ def unreadable(e: BaseException) -> str | None:
 
 
 def check_layout(saved: dict, current: dict, where) -> None:
-    diffs = [f"{k}: checkpoint has {saved.get('layout', {}).get(k)!r}, this run has {current['layout'].get(k)!r}"
-             for k in LAYOUT_KEYS if saved.get("layout", {}).get(k) != current["layout"].get(k)]
+    old = {k: saved.get("layout", {}).get(k, LAYOUT_DEFAULTS.get(k)) for k in LAYOUT_KEYS}
+    diffs = [f"{k}: checkpoint has {old[k]!r}, this run has {current['layout'].get(k)!r}"
+             for k in LAYOUT_KEYS if old[k] != current["layout"].get(k)]
     if diffs:
         raise UserError(f"{where}: the checkpoint does not match this run's layout ({'; '.join(diffs)})")
 

@@ -145,7 +145,8 @@ def layout(rc: RunConfig, model_config: ModelConfig) -> dict:
     """What a checkpoint must match to be restored into the run of ``rc`` on ``model_config``."""
     return {"model_type": model_config.model_type, "num_params": model_config.num_params(),
             "scan_layers": rc.model.scan_layers, "param_dtype": rc.model.dtype, "lora_rank": rc.lora.rank,
-            "objective": rc.objective.name, "optimizer": rc.optimizer.name}
+            "lora_quantize_base": rc.lora.quantize_base, "objective": rc.objective.name,
+            "optimizer": rc.optimizer.name}
 
 
 def preflight(rc: RunConfig) -> ModelConfig:
@@ -183,7 +184,7 @@ def build(rc: RunConfig, *, abstract: bool = False, for_export: bool = False, de
         model = _with_lora(rc, _load_model(rc, source, mesh))
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam if rc.lora.rank > 0 else nnx.Param, ...)
     place = functools.partial(_shard_abstract if abstract else _place, mesh=mesh, scanned=rc.model.scan_layers)
-    params, frozen = place(params), place(frozen) if abstract else frozen  # a loaded base is already in place
+    params, frozen = place(params), place(frozen)  # (a loaded float base is in place already: a no-op for it)
     reference = None
     if rc.objective.requirements.reference and not for_export:
         name = getattr(rc.objective, "reference_model", "")
@@ -211,7 +212,9 @@ def _load_model(rc: RunConfig, source: storage.Resolved, mesh: Mesh, remat: bool
 
 def _with_lora(rc: RunConfig, model: CausalLM) -> CausalLM:
     lora = rc.lora
-    return apply_lora(model, lora.rank, lora.alpha, lora.targets, seed=rc.seed) if lora.rank > 0 else model
+    if lora.rank == 0:
+        return model
+    return apply_lora(model, lora.rank, lora.alpha, lora.targets, seed=rc.seed, quantize=lora.quantize_base)
 
 
 def _load_reference(rc: RunConfig, name: str, mesh: Mesh, trained: ModelConfig) -> Reference:
