@@ -35,10 +35,11 @@ PARAM_LOGICAL_AXES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 # LoRA adapters (``lora_a`` [in, r], ``lora_b`` [r, out]) follow their base kernel's input / output axis
 # (:func:`logical_axes`): an adapter on ``q_proj`` is ("embed", "rank") and ("rank", "heads"). A quantized base
-# (models.qlora) keeps the kernel's axes for its codes ([in, out], nf4 [in/2, out]) and shards its scales
-# ([1 or in/64, out]) on the output axis only.
+# (models.qlora) keeps the kernel's axes for its codes ([in, out], nf4 [in/2, out]) and its scales ([1 or in/64,
+# out]: nf4's block axis sharded like the input axis; int8's single row stays whole, as spec_for shards only a
+# dimension the mesh axis divides).
 LORA_LEAVES = {"lora_a": lambda kernel: (kernel[0], "rank"), "lora_b": lambda kernel: ("rank", kernel[1]),
-               "qkernel": lambda kernel: kernel, "qscale": lambda kernel: ("norm", kernel[1])}
+               "qkernel": lambda kernel: kernel, "qscale": lambda kernel: kernel}
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),

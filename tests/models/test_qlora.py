@@ -147,9 +147,12 @@ def test_codes_are_sharded_like_the_float_kernel(model_dir, tmp_path):
     for module, v in codes:
         assert v[...].dtype == jnp.uint8
         assert v[...].sharding.spec == kernels[module][...].sharding.spec, module
-    scales = [v for p, v in nnx.to_flat_state(quant.frozen) if p[-1] == "qscale"]
-    assert all(s[...].sharding.spec[-1] == kernels[m][...].sharding.spec[-1]
-               for (m, _), s in zip(codes, scales))
+    scales = {tuple(p[:-1]): v[...] for p, v in nnx.to_flat_state(quant.frozen) if p[-1] == "qscale"}
+    for module, _ in codes:  # nf4 scales [layers, in/64, out]: sharded like the kernel wherever the axis divides
+        kernel_spec, scale = tuple(kernels[module][...].sharding.spec), scales[module]
+        for dim, axis in enumerate(kernel_spec):
+            divides = axis is not None and scale.shape[dim] % quant.mesh.shape[axis] == 0
+            assert tuple(scale.sharding.spec)[dim] == (axis if divides else None), (module, dim)
 
 
 def test_an_abstract_plan_counts_the_quantized_base(model_dir, tmp_path):
