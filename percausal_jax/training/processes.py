@@ -112,11 +112,6 @@ def mesh_fingerprint(mesh) -> dict:
     return {"axes": dict(mesh.shape), "devices": [int(d.id) for d in mesh.devices.flat]}
 
 
-def max_int(value: int) -> int:
-    """The largest ``value`` over processes."""
-    return int(_gather(np.asarray([value], np.int32)).max())
-
-
 def broadcast_ints(values: Sequence[int]) -> list[int]:
     """Process 0's list of integers (e.g. checkpoint steps), on every process."""
     if jax.process_count() == 1:
