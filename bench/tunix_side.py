@@ -23,6 +23,8 @@ model directory, both written by ``vs_tunix.py``.
   micro-batch means); the per-micro-batch loss sums and token counts come back as ``aux`` so the driver can also
   form the token-weighted mean our trainer reports.
 - Optimizer: ``clip_by_global_norm(1.0)`` then ``optax.adamw(lr, weight_decay=0)``, as our run's.
+- ``--remat``: Tunix's ``RematConfig`` (default NONE, as ours); a step that runs out of memory is written as
+  ``{"oom": ...}`` with its compiled peak, not raised.
 
 Measured: the wall time between successive pulls from the data iterator, each pull first waiting for the previous
 micro-step's result (so a gap is one micro-step, host work included, as our loop measures its steps), the compiled
@@ -104,6 +106,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--bucket-multiple", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--remat", choices=("none", "block", "decoder"), default="none",
+                    help="Tunix's ModelConfig.remat_config (none is its default)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -119,7 +123,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     hf = json.loads((Path(args.model_dir) / "config.json").read_text())
-    cfg = dataclasses.replace(qwen2.ModelConfig.qwen2p5_0p5b(), num_layers=hf["num_hidden_layers"])
+    cfg = dataclasses.replace(qwen2.ModelConfig.qwen2p5_0p5b(), num_layers=hf["num_hidden_layers"],
+                              remat_config=getattr(qwen2.RematConfig, args.remat.upper()))
     model = qwen2_params.create_model_from_safe_tensors(args.model_dir, cfg)
     provider = qwix.LoraProvider(module_path=f".*({PROJECTIONS})", rank=args.rank, alpha=args.alpha)
     model = qwix.apply_lora_to_model(model, provider, **model.get_model_input(), rngs=nnx.Rngs(args.seed))
@@ -193,9 +198,23 @@ def main() -> None:
             pulls.append(time.perf_counter())
             yield b
 
+    shapes = sorted({tuple(b["p_tokens"].shape) + tuple(b.get("c_tokens", np.zeros((0, 0))).shape[1:])
+                     for b in micro})
+    result = {"compiled_peak_bytes": compiled, "largest_micro_batch": {k: list(v.shape) for k, v in largest.items()},
+              "distinct_shapes": len(shapes), "load_s": load_s, "plan_s": plan_s, "remat": args.remat,
+              "versions": {m.__name__: getattr(m, "__version__", "?") for m in (jax, optax, qwix)}
+              | {"tunix": _version("google-tunix"), "flax": _version("flax")}}
     rss_before = rss_bytes()
     t = time.perf_counter()
-    trainer.train(timed(stream))
+    try:
+        trainer.train(timed(stream))
+    except jax.errors.JaxRuntimeError as e:  # the step does not fit this machine: a result, not a crash
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        Path(args.out).write_text(json.dumps({**result, "oom": str(e).splitlines()[0],
+                                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                              * 1024}, indent=1))
+        return
     pulls.append(time.perf_counter())  # train() waits for every in-flight step before returning
     train_s = time.perf_counter() - t
 
@@ -207,16 +226,9 @@ def main() -> None:
         steps.append({"step": s + 1, "time_s": per_step[s],
                       "loss_mean_of_micro_means": float(np.mean([a["loss_sum"] / a["n"] for a in mbs])),
                       "loss_token_mean": float(sum(a["loss_sum"] for a in mbs) / sum(a["n"] for a in mbs))})
-    shapes = sorted({tuple(b["p_tokens"].shape) + tuple(b.get("c_tokens", np.zeros((0, 0))).shape[1:])
-                     for b in micro})
     Path(args.out).write_text(json.dumps({
-        "steps": steps, "load_s": load_s, "plan_s": plan_s, "train_s": train_s,
-        "compiled_peak_bytes": compiled, "largest_micro_batch": {k: list(v.shape) for k, v in largest.items()},
-        "distinct_shapes": len(shapes), "rss_before_train_bytes": rss_before,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "versions": {m.__name__: getattr(m, "__version__", "?") for m in (jax, optax, qwix)}
-        | {"tunix": _version("google-tunix"), "flax": _version("flax")},
-    }, indent=1))
+        **result, "steps": steps, "train_s": train_s, "rss_before_train_bytes": rss_before,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, indent=1))
 
 
 def _version(dist: str) -> str:

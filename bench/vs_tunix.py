@@ -64,8 +64,9 @@ RESULTS_JSON = REPO / "bench" / "results" / "vs_tunix.json"
 TITLE = "Tunix PeftTrainer vs percausal train"
 TARGETS = {"longlamp": (1.5, 0.5), "short": (1.0, None)}  # (≥ × Tunix's real tokens/s, ≤ × its compiled peak)
 SHORT = Lengths("short", Uniform(240, 272), Uniform(60, 68), Uniform(48, 64), min_profile=32)
-SETTINGS = {"longlamp": dict(lengths=LONGLAMP, batch=2, accum=2, batches=3, objectives=("perce",)),
-            "short": dict(lengths=SHORT, batch=4, accum=1, batches=3, objectives=("perce", "ce"))}
+SETTINGS = {"longlamp": dict(lengths=LONGLAMP, batch=2, accum=2, batches=3, objectives=("perce",), layers=24),
+            "longlamp-4l": dict(lengths=LONGLAMP, batch=2, accum=2, batches=3, objectives=("perce",), layers=4),
+            "short": dict(lengths=SHORT, batch=4, accum=1, batches=3, objectives=("perce", "ce"), layers=24)}
 LOSS_RTOL = 2e-4
 
 
@@ -148,6 +149,9 @@ def prepare(args, name: str, setting: dict, model_dir: Path, work: Path) -> dict
 
 def ours(args, name, setting, model_dir, objective, data, work: Path, r: int) -> dict:
     wd = work / f"ours-{name}-{objective}-{r}"
+    done = work / f"{wd.name}.json"
+    if done.exists():  # a finished run of an earlier invocation with the same --work
+        return json.loads(done.read_text())
     cmd = [str(REPO / ".venv" / "bin" / "percausal"), "train", "--config", str(REPO / "configs" / "base.py"),
            "--workdir", str(wd), "--no-progress"] + \
           [f"--config.{o}" for o in our_overrides(args, setting, model_dir, objective, data["records"])]
@@ -156,26 +160,34 @@ def ours(args, name, setting, model_dir, objective, data, work: Path, r: int) ->
         raise SystemExit(f"percausal train failed (exit {rc}); see {work / (wd.name + '.log')}")
     recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = [m for m in recs if "step_time" in m]
-    return {"step_times": [m["step_time"] for m in recs], "first_loss": recs[0]["loss"], "peak_rss_bytes": peak}
+    res = {"step_times": [m["step_time"] for m in recs], "first_loss": recs[0]["loss"], "peak_rss_bytes": peak,
+           "peak_rss_source": "wait4"}
+    done.write_text(json.dumps(res))
+    return res
 
 
-def tunix(args, name, setting, model_dir, objective, data, work: Path, r: int) -> dict:
-    out = work / f"tunix-{name}-{objective}-{r}.json"
+def tunix(args, name, setting, model_dir, objective, data, work: Path, r: int, remat: str = "none") -> dict:
+    out = work / f"tunix-{name}-{objective}-{r}-remat_{remat}.json"
     cmd = [str(tunix_python()), str(REPO / "bench" / "tunix_side.py"), "--model-dir", str(model_dir),
            "--data", str(data["npz"]), "--objective", objective, "--batch", str(setting["batch"]),
            "--accum", str(setting["accum"]), "--steps", str(2 * setting["batches"]), "--rank", str(args.rank),
            "--alpha", str(args.alpha), "--lr", str(args.lr), "--bucket-multiple", str(args.bucket_multiple),
-           "--seed", str(args.seed), "--out", str(out)]
-    rc, peak = run_measured(cmd, work / f"{out.stem}.log")
-    if rc:
-        raise SystemExit(f"tunix_side.py failed (exit {rc}); see {work / (out.stem + '.log')}")
-    res = json.loads(out.read_text())
-    return {"step_times": [s["time_s"] for s in res["steps"]], "first_loss": res["steps"][0]["loss_token_mean"],
+           "--seed", str(args.seed), "--remat", remat, "--out", str(out)]
+    if out.exists():  # a finished run of an earlier invocation with the same --work: its own ru_maxrss
+        res = json.loads(out.read_text())
+        peak = res["peak_rss_bytes"]
+    else:
+        rc, peak = run_measured(cmd, work / f"{out.stem}.log")
+        if rc:
+            raise SystemExit(f"tunix_side.py failed (exit {rc}); see {work / (out.stem + '.log')}")
+        res = json.loads(out.read_text())
+    compiled = {"bytes": res["compiled_peak_bytes"], "shape": res["largest_micro_batch"],
+                "distinct_shapes": res["distinct_shapes"], "remat": remat}
+    if "oom" in res:
+        return {"oom": res["oom"], "compiled": compiled, "peak_rss_bytes": peak, "versions": res["versions"]}
+    return {"remat": remat, "step_times": [s["time_s"] for s in res["steps"]], "first_loss": res["steps"][0]["loss_token_mean"],
             "first_loss_mean_of_micro_means": res["steps"][0]["loss_mean_of_micro_means"],
-            "peak_rss_bytes": peak, "compiled": {"bytes": res["compiled_peak_bytes"],
-                                                 "shape": res["largest_micro_batch"],
-                                                 "distinct_shapes": res["distinct_shapes"]},
-            "versions": res["versions"]}
+            "peak_rss_bytes": peak, "compiled": compiled, "versions": res["versions"]}
 
 
 def summarize(K: int, tokens: list[int], runs: list[dict]) -> dict:
@@ -188,30 +200,51 @@ def summarize(K: int, tokens: list[int], runs: list[dict]) -> dict:
 def report(results: dict, info: dict, args) -> str:
     gib = lambda b: f"{b / 2**30:.2f}" if b else "n/a"  # noqa: E731
     rows = []
+    rss = lambda run: gib(run["peak_rss_bytes"]) + ("" if run.get("peak_rss_source", "wait4") == "wait4"  # noqa
+                                                    else "†")
     for name, s in results["settings"].items():
         for objective, o in s["objectives"].items():
             us, them = o["ours"], o["tunix"]
+            if them is None:  # no Tunix step fits this machine
+                tried = [x for x in (o["tunix_default_oom"], o["runs"]["tunix"][0]) if x]
+                need = " / ".join(f"{gib(x['compiled']['bytes'])} ({x['compiled']['remat']})" for x in tried)
+                rows.append([f"{name} ({s['layers']} layers)", objective, f"{us['tokens_per_s']:.1f}",
+                             "out of memory", "Tunix cannot run it here", f"{us['median_step_s']:.2f} / –",
+                             f"{gib(o['ours_compiled']['bytes'])} / {need}",
+                             f"**{o['ours_compiled']['bytes'] / o['runs']['tunix'][0]['compiled']['bytes']:.2f}×**",
+                             f"{rss(o['runs']['ours'][0])} / –", f"{o['runs']['ours'][0]['first_loss']:.6f} / –"])
+                continue
             speed = us["tokens_per_s"] / them["tokens_per_s"]
             mem = o["ours_compiled"]["bytes"] / o["tunix_compiled"]["bytes"]
-            target_speed, target_mem = TARGETS[name]
-            rows.append([name, objective, f"{us['tokens_per_s']:.0f}", f"{them['tokens_per_s']:.0f}",
+            target_speed, target_mem = TARGETS[name.split("-")[0]]
+            label = "" if o["tunix_remat"] == "none" else f" (Tunix remat {o['tunix_remat']})"
+            rows.append([f"{name} ({s['layers']} layers)", objective + label, f"{us['tokens_per_s']:.1f}", f"{them['tokens_per_s']:.1f}",
                          f"**{speed:.2f}×** (≥ {target_speed}×: {'met' if speed >= target_speed else 'missed'})",
                          f"{us['median_step_s']:.2f} / {them['median_step_s']:.2f}",
                          f"{gib(o['ours_compiled']['bytes'])} / {gib(o['tunix_compiled']['bytes'])}",
                          f"**{mem:.2f}×**" + (f" (≤ {target_mem}×: {'met' if mem <= target_mem else 'missed'})"
                                               if target_mem else ""),
-                         f"{gib(us['peak_rss_bytes'])} / {gib(them['peak_rss_bytes'])}",
+                         f"{rss(o['runs']['ours'][0])} / {gib(them['peak_rss_bytes'])}",
                          f"{o['first_loss']['ours']:.6f} / {o['first_loss']['tunix']:.6f}"])
     table = md_table(["setting", "objective", "ours tok/s", "Tunix tok/s", "speed", "median step s (ours / Tunix)",
                       "compiled peak GiB (ours / Tunix)", "memory", "peak RSS GiB (ours / Tunix)",
                       "first-step loss (ours / Tunix)"], rows)
+    ooms = "\n".join(
+        f"- `{n}` {objective}: Tunix with its default (no remat) ran out of memory on this 24 GiB machine: its compiled "
+        f"step needs {gib(o['tunix_default_oom']['compiled']['bytes'])} GiB at its largest micro-batch "
+        f"({o['tunix_default_oom']['oom'][:90]}…); then with `RematConfig.DECODER`: "
+        + ("out of memory as well, so no Tunix speed at this shape." if o["tunix"] is None else
+           "the row above, whose memory ratio is against that run.")
+        for n, s in results["settings"].items() for objective, o in s["objectives"].items() if o["tunix_default_oom"])
+    ooms += ("\n- † sampled after each step (`metrics.jsonl` `host_rss_mib`, a lower bound): a run reused from an "
+             "earlier invocation that did not record its `wait4` peak." if "†" in str(rows) else "")
     settings = "\n".join(f"- `{n}`: {s['lengths']}; batch {SETTINGS[n]['batch']} "
                          f"({SETTINGS[n]['accum']} micro-batch(es)), {s['examples']} examples = "
                          f"{2 * SETTINGS[n]['batches']} steps per run, the last {SETTINGS[n]['batches']} timed; "
                          f"our largest compiled batch: {json.dumps(s['compiled'])}" for n, s in results["settings"].items())
     return f"""{info_block(info)}
 
-Model: random-init Qwen2.5-0.5B shape, {results['layers']} layers (V = 151,936), fp32, LoRA rank {args.rank} on the
+Model: random-init Qwen2.5-0.5B shape (layers per row; V = 151,936), fp32, LoRA rank {args.rank} on the
 seven projections, AdamW lr {args.lr}, clip 1.0; {args.rounds} round(s) per side, alternated (ours, Tunix, ...).
 Tunix {results['tunix_versions']}. Ours: `percausal train` (default attention, chunked response-only head);
 Tunix: `PeftTrainer` + qwix LoRA + a PerCE/CE `loss_fn` over full `[B, L, V]` logits (`bench/tunix_side.py`).
@@ -220,15 +253,18 @@ Speed = real tokens/s over the timed steps (epoch 2); memory = compiled step (ou
 {settings}
 
 {table}
+
+{ooms}
 """
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", default="longlamp,short", help="comma-separated: longlamp, short")
+    ap.add_argument("--setting", default="longlamp,longlamp-4l,short",
+                    help="comma-separated: longlamp, longlamp-4l, short")
     ap.add_argument("--objectives", default=None, help="comma-separated perce, ce (default: the setting's)")
     ap.add_argument("--rounds", type=int, default=1, help="runs per side, alternated (ours, Tunix, ours, ...)")
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the setting's)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -248,24 +284,40 @@ def main() -> None:
         args.bucket_multiple = 16
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tunix_python()
-    model_dir = qwen25_shape_model(args.layers, args.seed)
-    results = {"layers": args.layers, "rounds": args.rounds, "settings": {}}
+    results = {"rounds": args.rounds, "settings": {}}
     with tempfile.TemporaryDirectory(prefix="vs_tunix-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in names:
             setting = SETTINGS[name]
+            model_dir = qwen25_shape_model(args.layers or setting["layers"], args.seed)
             data = prepare(args, name, setting, model_dir, work)
             out = {"lengths": data["lengths"], "examples": data["examples"], "compiled": data["compiled"],
-                   "objectives": {}}
+                   "layers": args.layers or setting["layers"], "objectives": {}}
             for objective in setting["objectives"]:
-                runs = {"ours": [], "tunix": []}
+                runs, remat, oom = {"ours": [], "tunix": []}, "none", None
                 for r in range(args.rounds):
-                    for side, fn in (("ours", ours), ("tunix", tunix)):
-                        runs[side].append(fn(args, name, setting, model_dir, objective, data, work, r))
-                        print(f"{name} {objective} round {r} {side}: steps "
-                              f"{[round(t, 2) for t in runs[side][-1]['step_times']]}", file=sys.stderr)
+                    runs["ours"].append(ours(args, name, setting, model_dir, objective, data, work, r))
+                    res = tunix(args, name, setting, model_dir, objective, data, work, r, remat)
+                    if "oom" in res:  # Tunix's default does not fit: what its user does next is rematerialize
+                        oom, remat = res, "decoder"
+                        print(f"{name} {objective}: Tunix (remat none) out of memory ({res['oom'][:120]}); "
+                              "again with RematConfig.DECODER", file=sys.stderr)
+                        res = tunix(args, name, setting, model_dir, objective, data, work, r, remat)
+                    runs["tunix"].append(res)
+                    for side in runs:
+                        print(f"{name} {objective} round {r} {side}: "
+                              f"{runs[side][-1].get('step_times') or runs[side][-1].get('oom')}", file=sys.stderr)
+                    if "oom" in res:
+                        break  # no Tunix step runs on this machine: nothing to alternate with
                 K = setting["batches"]
+                results["tunix_versions"] = runs["tunix"][0]["versions"]
+                if "oom" in runs["tunix"][0]:
+                    out["objectives"][objective] = {
+                        "ours": summarize(K, data["tokens"][objective], runs["ours"]), "tunix": None,
+                        "ours_compiled": data["compiled"][objective], "tunix_compiled": runs["tunix"][0]["compiled"],
+                        "tunix_remat": remat, "tunix_default_oom": oom, "runs": runs}
+                    continue
                 first = {side: runs[side][0]["first_loss"] for side in runs}
                 if abs(first["ours"] - first["tunix"]) > LOSS_RTOL * abs(first["ours"]):
                     raise SystemExit(f"{name} {objective}: first-step losses differ: ours {first['ours']}, "
@@ -275,6 +327,7 @@ def main() -> None:
                     "ours": summarize(K, data["tokens"][objective], runs["ours"]),
                     "tunix": summarize(K, data["tokens"][objective], runs["tunix"]),
                     "ours_compiled": data["compiled"][objective], "tunix_compiled": runs["tunix"][0]["compiled"],
+                    "tunix_remat": remat, "tunix_default_oom": oom,
                     "first_loss": first | {"tunix_mean_of_micro_means":
                                            runs["tunix"][0]["first_loss_mean_of_micro_means"]},
                     "runs": runs}
