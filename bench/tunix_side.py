@@ -36,25 +36,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
+from common import peak_bytes, peak_rss_bytes, round_up, rss_bytes  # import-light: no percausal_jax
 
 PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 CLIP_MIN, CLIP_MAX = 0.8, 5.0  # PerCE's defaults (shared/specs/perce.md)
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def examples(path: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -181,10 +170,8 @@ def main() -> None:
         return nnx.state((m, o)), loss
 
     t = time.perf_counter()
-    mem = jax.jit(pure_step, donate_argnums=0).lower(state, largest).compile().memory_analysis()
+    compiled = peak_bytes(jax.jit(pure_step, donate_argnums=0).lower(state, largest).compile())
     plan_s = time.perf_counter() - t
-    compiled = None if mem is None else int(mem.argument_size_in_bytes + mem.temp_size_in_bytes +
-                                            mem.output_size_in_bytes - mem.alias_size_in_bytes)
     del graphdef, state
 
     pulls: list[float] = []
@@ -212,8 +199,7 @@ def main() -> None:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         Path(args.out).write_text(json.dumps({**result, "oom": str(e).splitlines()[0],
-                                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                              * 1024}, indent=1))
+                                              "peak_rss_bytes": peak_rss_bytes()}, indent=1))
         return
     pulls.append(time.perf_counter())  # train() waits for every in-flight step before returning
     train_s = time.perf_counter() - t
@@ -228,7 +214,7 @@ def main() -> None:
                       "loss_token_mean": float(sum(a["loss_sum"] for a in mbs) / sum(a["n"] for a in mbs))})
     Path(args.out).write_text(json.dumps({
         **result, "steps": steps, "train_s": train_s, "rss_before_train_bytes": rss_before,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, indent=1))
+        "peak_rss_bytes": peak_rss_bytes()}, indent=1))
 
 
 def _version(dist: str) -> str:
