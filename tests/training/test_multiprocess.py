@@ -57,7 +57,7 @@ def _run(argv, env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc, timeout=300):
+def _finish(proc, timeout=1200):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     assert "dropped" not in err and "truncated" not in err, err[-3000:]
@@ -74,7 +74,7 @@ def _exported(work: Path, out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["perce", "nextquill"])
+@pytest.mark.parametrize("objective", ["nextquill"])  # PerCE: test_layouts.py, case A
 def test_two_processes_equal_one_process_bitwise(varied, tmp_path, objective):
     model_dir, data = varied
     common = ["--config.data.shuffle=true", "--config.data.eval=", "--config.data.bucket_multiple=32",

@@ -59,7 +59,7 @@ def tiny(tmp_path_factory):
     return d, tiny_hf_model("llama", d)
 
 
-@pytest.mark.parametrize("n,k", [(1, 1), (4, 1), (4, 4)])
+@pytest.mark.parametrize("n,k", [(1, 1), (4, 4)])
 def test_per_sequence_sgd_step_matches_reference_port(tiny, n, k):
     d, torch_model = tiny
     ex = _examples(n, seed=7)
